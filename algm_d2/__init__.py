@@ -1,0 +1,12 @@
+"""algm_d2: ALGM token merging for plain-ViT semantic segmentation, detectron2-style."""
+from .merge import ALGMConfig, FixedLevel, MergeState
+
+__version__ = "0.1.0"
+__all__ = ["ALGMConfig", "FixedLevel", "MergeState", "apply_algm", "__version__"]
+
+
+def apply_algm(model, config=None):  # noqa: ANN001, ANN201 - typed in algm_d2.modeling.backbone.algm_vit
+    """Wrap a timm VisionTransformer/Eva so it merges tokens: see :func:`algm_d2.modeling.apply_algm`."""
+    from .modeling.backbone.algm_vit import apply_algm as _apply_algm
+
+    return _apply_algm(model, config)

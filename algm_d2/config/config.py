@@ -1,0 +1,66 @@
+"""The config node: fvcore's CfgNode (yacs + ``_BASE_``) with two conveniences and strict errors.
+
+- An int given for a float key is taken as that float (YAML ``LR: 1``).
+- A few keys take values of more than one type (ALGM thresholds: a float τ, "batch_stats", "top:R",
+  "fraction:F" or null); ``FLEXIBLE_KEYS`` lists them with the types they accept. Their meaning is checked where
+  they are used (``ALGMConfig.from_cfg`` raises ValueError naming the key), which train_net does at start-up.
+Unknown keys raise ``KeyError`` naming the full key; other type mismatches raise ``ValueError`` naming it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from fvcore.common.config import CfgNode as _FvcoreCfgNode
+
+_RULE_TYPES = (float, int, str, type(None))
+# full key -> the value types it accepts
+FLEXIBLE_KEYS: Dict[str, Tuple[type, ...]] = {
+    "MODEL.ALGM.LOCAL_THRESHOLD": _RULE_TYPES,
+    "MODEL.ALGM.GLOBAL_THRESHOLD": _RULE_TYPES,
+}
+
+
+class CfgNode(_FvcoreCfgNode):
+    def merge_from_other_cfg(self, cfg_other: "CfgNode") -> None:
+        self._prepare_merge(cfg_other, prefix="")
+        super().merge_from_other_cfg(cfg_other)
+        self.check_flexible_keys()
+
+    def merge_from_list(self, cfg_list: List[Any]) -> None:
+        """``KEY VALUE`` pairs (command line); values are decoded as YAML literals like yacs does."""
+        if len(cfg_list) % 2:
+            raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {cfg_list}")
+        tree: Dict[str, Any] = {}
+        for full_key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
+            node = tree
+            *parents, leaf = str(full_key).split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = self._decode_cfg_value(raw)
+        self.merge_from_other_cfg(type(self)(tree))
+
+    def _prepare_merge(self, other: Dict[str, Any], prefix: str) -> None:
+        for key, value in other.items():
+            full_key = prefix + key
+            if key not in self:
+                raise KeyError(f"Non-existent config key: {full_key}")
+            current = self[key]
+            if isinstance(current, _FvcoreCfgNode) and isinstance(value, dict):
+                current._prepare_merge(value, full_key + ".")  # type: ignore[attr-defined]
+            elif full_key in FLEXIBLE_KEYS:
+                # yacs accepts any type over a None default; check_flexible_keys checks it afterwards.
+                self[key] = None
+            elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                other[key] = float(value)
+
+    def check_flexible_keys(self) -> None:
+        for full_key, types in FLEXIBLE_KEYS.items():
+            node: Any = self
+            for part in full_key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                if isinstance(node, bool) or not isinstance(node, types):
+                    raise ValueError(f"{full_key}: {node!r} has type {type(node).__name__}, expected one of "
+                                     f"{', '.join(t.__name__ for t in types)}")

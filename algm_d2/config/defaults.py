@@ -1,0 +1,123 @@
+"""Every config key, declared once with its default and a comment (detectron2's defaults.py habit).
+
+``get_cfg()`` returns a fresh copy. ``add_algm_config(cfg)`` declares the MODEL.ALGM node (also part of get_cfg;
+kept as its own function so a detectron2 bridge can add it to detectron2's own config).
+"""
+from __future__ import annotations
+
+from .config import CfgNode as CN
+
+
+def add_algm_config(cfg: CN) -> None:
+    """Declare MODEL.ALGM: where and how ALGM merges (names follow ``algm_d2.merge.ALGMConfig``)."""
+    cfg.MODEL.ALGM = CN()
+    # Master switch: False runs the plain model whatever the keys below say.
+    cfg.MODEL.ALGM.ENABLED = False
+    # 1-based layer of CLAP (local merging), after that block's attention; null switches CLAP off.
+    cfg.MODEL.ALGM.LOCAL_LAYER = 1
+    # 1-based layer of GBM (global merging); paper: 5 for 12-block ViTs, 7 for ViT-L; null switches GBM off.
+    cfg.MODEL.ALGM.GLOBAL_LAYER = 5
+    # CLAP window (rows, cols); windows cut by the grid border are left unmerged.
+    cfg.MODEL.ALGM.WINDOW = (2, 2)
+    # CLAP rule: a float τ (merge windows whose mean cosine >= τ), "batch_stats", "top:R", "fraction:F" or null.
+    cfg.MODEL.ALGM.LOCAL_THRESHOLD = 0.88
+    # GBM rule: "batch_stats" (the release: mean + std / layer of best-match scores), a float τ, "top:R",
+    # "fraction:F" or null.
+    cfg.MODEL.ALGM.GLOBAL_THRESHOLD = "batch_stats"
+    # "min": every image merges the batch-minimum count (the release; use for training). "per_image": each
+    # image merges all its groups above τ (inference; batches are padded).
+    cfg.MODEL.ALGM.BATCH_POLICY = "min"
+    # Proportional attention (ToMe): add log(size) to each key's logits. Off in the release.
+    cfg.MODEL.ALGM.PROP_ATTN = False
+    # Optional JSON file written by tools/calibrate_thresholds.py; when set, its per-layer τ = μ + σ replaces the
+    # float thresholds above (rules given as strings are kept).
+    cfg.MODEL.ALGM.CALIBRATION_FILE = ""
+
+
+def _model(cfg: CN) -> None:
+    cfg.MODEL = CN()
+    # Registered meta-architecture (algm_d2.modeling.META_ARCH_REGISTRY).
+    cfg.MODEL.META_ARCHITECTURE = "Segmenter"
+    # Path to weights loaded after building (a released checkpoint or one of ours); "" = none.
+    cfg.MODEL.WEIGHTS = ""
+    # Device to build the model on ("cpu", "cuda"); train_net picks the local GPU when launched on one.
+    cfg.MODEL.DEVICE = "cuda"
+    # Per-channel mean and std of input pixels in RGB order, 0-255 scale (Segmenter "vit": 0.5/0.5 of 255).
+    cfg.MODEL.PIXEL_MEAN = [127.5, 127.5, 127.5]
+    cfg.MODEL.PIXEL_STD = [127.5, 127.5, 127.5]
+
+    cfg.MODEL.BACKBONE = CN()
+    # Registered backbone (algm_d2.modeling.BACKBONE_REGISTRY).
+    cfg.MODEL.BACKBONE.NAME = "ALGMViT"
+    # timm model name used to build the ViT ("vit_small_patch16_384", ...); built without pretrained weights.
+    cfg.MODEL.BACKBONE.TIMM_NAME = "vit_small_patch16_384"
+    # Input size the position embedding is laid out for (pixels); other sizes interpolate it.
+    cfg.MODEL.BACKBONE.IMG_SIZE = 512
+    cfg.MODEL.BACKBONE.PATCH_SIZE = 16
+    cfg.MODEL.BACKBONE.EMBED_DIM = 384
+    cfg.MODEL.BACKBONE.DEPTH = 12
+    cfg.MODEL.BACKBONE.NUM_HEADS = 6
+    cfg.MODEL.BACKBONE.MLP_RATIO = 4.0
+    # LayerNorm eps of the blocks (Segmenter's ViT: 1e-5; timm's: 1e-6).
+    cfg.MODEL.BACKBONE.NORM_EPS = 1e-5
+    cfg.MODEL.BACKBONE.DROP_PATH_RATE = 0.1
+    cfg.MODEL.BACKBONE.DROPOUT = 0.0
+    # How the position embedding is resized for another grid: "bilinear" (Segmenter) or "bicubic" (timm).
+    cfg.MODEL.BACKBONE.POS_EMBED_INTERP = "bilinear"
+    # Recompute block activations in the backward pass (saves memory).
+    cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
+
+    cfg.MODEL.SEM_SEG_HEAD = CN()
+    # Registered head: "MaskTransformer" (Segmenter's) or "LinearDecoder".
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "MaskTransformer"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 150
+    # Label value excluded from the loss and the metrics.
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
+    # Mask transformer: layers, width (0 = the encoder's), heads (0 = width // 64), dropout, drop path.
+    cfg.MODEL.SEM_SEG_HEAD.NUM_LAYERS = 2
+    cfg.MODEL.SEM_SEG_HEAD.HIDDEN_DIM = 0
+    cfg.MODEL.SEM_SEG_HEAD.NUM_HEADS = 0
+    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+    cfg.MODEL.SEM_SEG_HEAD.DROP_PATH_RATE = 0.0
+    add_algm_config(cfg)
+
+
+def _input(cfg: CN) -> None:
+    cfg.INPUT = CN()
+
+
+def _datasets(cfg: CN) -> None:
+    cfg.DATASETS = CN()
+
+
+def _dataloader(cfg: CN) -> None:
+    cfg.DATALOADER = CN()
+
+
+def _solver(cfg: CN) -> None:
+    cfg.SOLVER = CN()
+
+
+def _deepspeed(cfg: CN) -> None:
+    cfg.DEEPSPEED = CN()
+
+
+def _test(cfg: CN) -> None:
+    cfg.TEST = CN()
+
+
+def get_cfg() -> CN:
+    """A fresh config with every key at its default."""
+    cfg = CN()
+    _model(cfg)
+    _input(cfg)
+    _datasets(cfg)
+    _dataloader(cfg)
+    _solver(cfg)
+    _deepspeed(cfg)
+    _test(cfg)
+    # Random seed for Python, NumPy and torch on every rank (offset by rank for data workers); < 0 = random.
+    cfg.SEED = 0
+    # Directory for the merged config, checkpoints, metrics.json, TensorBoard events and results.
+    cfg.OUTPUT_DIR = "./output"
+    return cfg

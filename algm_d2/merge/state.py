@@ -1,0 +1,122 @@
+"""The merge state carried along the encoder, and the one scatter that applies any merge plan.
+
+A merge plan is ``dest``: for every token of the current sequence, the slot it goes to in the next sequence (an
+integer map, many-to-one). Prefix tokens map to themselves; tokens of padding map to a trash slot that is dropped.
+Values are size-weighted means of the members, sizes add up, positions are size-weighted means of grid
+coordinates, and the grid's index map is composed with ``dest`` — there is no N×N source matrix anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MergeState:
+    """Bookkeeping for a batch of merged token sequences ``[B, T, C]`` with ``num_prefix`` leading tokens.
+
+    Attributes:
+        grid_size: (H, W) of the patch grid the sequence came from.
+        num_prefix: leading tokens (class, register, distillation) that never merge and stay in front.
+        index_map: ``[B, H*W]`` long, the sequence slot (prefix included) holding each grid cell, row-major.
+        sizes: ``[B, T]`` float, grid cells per slot (1 for prefix tokens, 0 for padding slots).
+        positions: ``[B, T, 2]`` float, mean (row, col) of each slot's cells (0 for prefix and padding).
+        num_tokens: ``[B]`` long, valid tokens per image (prefix included); the rest of the sequence is padding.
+        padded: whether any image keeps fewer tokens than the sequence length (only under ``per_image``).
+    """
+
+    grid_size: Tuple[int, int]
+    num_prefix: int
+    index_map: Tensor
+    sizes: Tensor
+    positions: Tensor
+    num_tokens: Tensor
+    padded: bool = False
+    merged: bool = False
+
+    @classmethod
+    def initial(cls, batch: int, grid_size: Tuple[int, int], num_prefix: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> "MergeState":
+        """The state of an unmerged sequence: every grid cell is its own token, in row-major order."""
+        h, w = grid_size
+        n = h * w
+        index_map = torch.arange(num_prefix, num_prefix + n, device=device).expand(batch, n)
+        sizes = torch.ones(batch, num_prefix + n, device=device, dtype=dtype)
+        rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
+        cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
+        grid = torch.stack([rows, cols], dim=-1)
+        positions = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid]).expand(batch, -1, -1)
+        num_tokens = torch.full((batch,), num_prefix + n, device=device, dtype=torch.long)
+        return cls(tuple(grid_size), num_prefix, index_map, sizes, positions, num_tokens)
+
+    @property
+    def seq_len(self) -> int:
+        return self.sizes.shape[1]
+
+    def valid_mask(self) -> Optional[Tensor]:
+        """``[B, T]`` bool of real tokens, or None when no image has padding."""
+        if not self.padded:
+            return None
+        return torch.arange(self.seq_len, device=self.sizes.device) < self.num_tokens[:, None]
+
+    def attention_bias(self, prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
+        """Additive key bias ``[B, 1, 1, T]`` for SDPA: log(size) if ``prop_attn``, -inf on padding; None if neither."""
+        if not prop_attn and not self.padded:
+            return None
+        sizes = self.sizes.to(dtype)
+        if prop_attn:
+            # log(0) = -inf masks padding slots, whose size is 0, in the same step.
+            bias = sizes.log()
+        else:
+            bias = torch.zeros_like(sizes).masked_fill_(sizes == 0, float("-inf"))
+        return bias[:, None, None, :]
+
+    def apply(self, x: Tensor, dest: Tensor, num_tokens: Tensor, seq_len: int, padded: bool
+              ) -> Tuple[Tensor, "MergeState"]:
+        """Merge ``x`` ``[B, T, C]`` by the plan ``dest`` ``[B, T]``: slots ``< seq_len`` are kept, ``T`` is the trash.
+
+        ``num_tokens`` ``[B]`` are the valid tokens each image keeps and ``seq_len`` their maximum. The sums run in
+        float32 whatever ``x``'s dtype (bf16 cannot add many members exactly). Returns the merged tokens
+        ``[B, seq_len, C]`` (size-weighted means, in ``x``'s dtype) and the new state.
+        """
+        b, _, c = x.shape
+        sizes = self.sizes.float()[..., None]
+        weighted = torch.cat([x.float() * sizes, sizes, self.positions.float() * sizes], -1)
+        out = weighted.new_zeros(b, x.shape[1] + 1, c + 3).scatter_add(1, dest[..., None].expand(-1, -1, c + 3), weighted)
+        out = out[:, :seq_len]
+        new_sizes = out[..., c]
+        # Padding slots have size 0 and stay 0; every real slot has size >= 1.
+        denom = new_sizes.clamp(min=1.0)[..., None]
+        state = MergeState(
+            grid_size=self.grid_size,
+            num_prefix=self.num_prefix,
+            index_map=dest.gather(1, self.index_map),
+            sizes=new_sizes,
+            positions=out[..., c + 1:] / denom,
+            num_tokens=num_tokens,
+            padded=padded,
+            merged=True,
+        )
+        return (out[..., :c] / denom).to(x.dtype), state
+
+    def unmerge(self, tokens: Tensor) -> Tensor:
+        """Restore the grid: ``tokens`` ``[B, T, C]`` (full sequence) → ``[B, H*W, C]``, each cell its slot's value."""
+        return tokens.gather(1, self.index_map[..., None].expand(-1, -1, tokens.shape[-1]))
+
+    def unmerge_patches(self, patches: Tensor) -> Tensor:
+        """Like :meth:`unmerge` for a sequence without its prefix tokens (``[B, T - P, C]``)."""
+        index = (self.index_map - self.num_prefix)[..., None].expand(-1, -1, patches.shape[-1])
+        return patches.gather(1, index)
+
+    def unmerge_to_grid(self, tokens: Tensor) -> Tensor:
+        """Full merged sequence ``[B, T, C]`` → ``[B, C, H, W]`` feature map."""
+        h, w = self.grid_size
+        grid = self.unmerge(tokens)
+        return grid.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
+
+    def token_counts(self) -> List[int]:
+        """Valid tokens per image (prefix included), as Python ints (one host sync)."""
+        return [int(n) for n in self.num_tokens.tolist()]
