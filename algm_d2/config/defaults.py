@@ -49,8 +49,9 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE = CN()
     # Registered backbone (algm_d2.modeling.BACKBONE_REGISTRY).
     cfg.MODEL.BACKBONE.NAME = "ALGMViT"
-    # timm model name used to build the ViT ("vit_small_patch16_384", ...); built without pretrained weights.
-    cfg.MODEL.BACKBONE.TIMM_NAME = "vit_small_patch16_384"
+    # Encoder family: "vit" (timm VisionTransformer, Segmenter's layout) or "deit_distilled" (class + distillation
+    # token). Built from the sizes below, never downloaded.
+    cfg.MODEL.BACKBONE.ARCH = "vit"
     # Input size the position embedding is laid out for (pixels); other sizes interpolate it.
     cfg.MODEL.BACKBONE.IMG_SIZE = 512
     cfg.MODEL.BACKBONE.PATCH_SIZE = 16

@@ -7,11 +7,18 @@ coordinates, and the grid's index map is composed with ``dest`` — there is no 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in for input ``x``: autocast's when it is on (SDPA wants the bias in that dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 @dataclass
@@ -26,6 +33,9 @@ class MergeState:
         positions: ``[B, T, 2]`` float, mean (row, col) of each slot's cells (0 for prefix and padding).
         num_tokens: ``[B]`` long, valid tokens per image (prefix included); the rest of the sequence is padding.
         padded: whether any image keeps fewer tokens than the sequence length (only under ``per_image``).
+        merged: whether any merge has been applied (CLAP needs the unmerged grid).
+        history: ``num_tokens`` after each block so far, appended by the backbone (shared by the states of one
+            forward pass); read it through :meth:`tokens_per_layer`.
     """
 
     grid_size: Tuple[int, int]
@@ -36,6 +46,7 @@ class MergeState:
     num_tokens: Tensor
     padded: bool = False
     merged: bool = False
+    history: List[Tensor] = field(default_factory=list)
 
     @classmethod
     def initial(cls, batch: int, grid_size: Tuple[int, int], num_prefix: int, device: torch.device,
@@ -99,6 +110,7 @@ class MergeState:
             num_tokens=num_tokens,
             padded=padded,
             merged=True,
+            history=self.history,
         )
         return (out[..., :c] / denom).to(x.dtype), state
 
@@ -117,6 +129,12 @@ class MergeState:
         grid = self.unmerge(tokens)
         return grid.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
-    def token_counts(self) -> List[int]:
-        """Valid tokens per image (prefix included), as Python ints (one host sync)."""
-        return [int(n) for n in self.num_tokens.tolist()]
+    def record_layer(self) -> None:
+        """Append the current token counts to the history (the backbone calls it once per block)."""
+        self.history.append(self.num_tokens)
+
+    def tokens_per_layer(self) -> List[List[int]]:
+        """Tokens leaving each recorded block, one list of ints (one per image, prefix included) per block."""
+        if not self.history:
+            return []
+        return torch.stack(self.history).tolist()

@@ -1,0 +1,158 @@
+"""Released Segmenter / ALGM checkpoints: ``dir/checkpoint.pth`` (``{"model": state_dict}``) + ``dir/variant.yml``.
+
+Keys load unchanged into :class:`~algm_d2.modeling.meta_arch.segmenter.Segmenter` with strict key and shape
+checks. The release's encoder also carries its ImageNet classifier (``encoder.head.*``, ``encoder.head_dist.*``):
+segmentation never uses it, so it is dropped on purpose and logged.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+import yaml
+from torch import nn
+
+from ..merge import OFF, ALGMConfig
+from ..modeling.backbone.algm_vit import ALGMViT
+from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
+from ..modeling.meta_arch.segmenter import Segmenter, build_segmenter_vit
+
+logger = logging.getLogger(__name__)
+
+# Pixel statistics by the release's "normalization" names, on [0, 1] RGB images.
+NORMALIZATION = {
+    "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    "deit": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+DROPPED_PREFIXES = ("encoder.head.", "encoder.head_dist.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model; the message lists every offending key."""
+
+
+class _VariantLoader(yaml.SafeLoader):
+    """Safe YAML plus the ``!!python/tuple`` tag that ``yaml.dump`` writes for the release's tuples."""
+
+
+_VariantLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
+def read_variant(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the release keeps variant.yml beside checkpoint.pth; it is missing")
+    with open(path) as f:
+        variant = yaml.load(f, Loader=_VariantLoader)
+    if not isinstance(variant, dict) or "net_kwargs" not in variant:
+        raise ValueError(f"{path}: no 'net_kwargs' section; is this a Segmenter variant.yml?")
+    return variant
+
+
+def read_state_dict(path: Union[str, Path], *, weights_only: bool = True) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: ``{"model": ...}`` (release, ours), ``{"state_dict": ...}`` (mmcv) or bare.
+
+    ``weights_only=True`` (default) refuses pickled code; pass False only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001 - torch raises several types; name the file and the option
+        hint = " (it holds non-tensor objects: pass weights_only=False if you trust the file)" if weights_only else ""
+        raise ValueError(f"{path}: cannot be read as a checkpoint{hint}: {err}") from err
+    for key in ("model", "state_dict", "module"):
+        if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
+            data = data[key]
+            break
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: no state dict of tensors found (looked under 'model', 'state_dict', 'module')")
+    return dict(data)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                           drop_prefixes: tuple = ()) -> None:
+    """Load with every key and shape checked; raise :class:`CheckpointMismatchError` listing all mismatches."""
+    dropped = sorted(k for k in state_dict if k.startswith(drop_prefixes))
+    if dropped:
+        logger.info("%s: dropping %d keys not used for segmentation: %s", source, len(dropped), ", ".join(dropped))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(drop_prefixes)}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or mis_shaped:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys)}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+                 if keys]
+        raise CheckpointMismatchError(f"{source} does not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Segmenter:
+    """A randomly initialised Segmenter laid out as the release's ``net_kwargs`` say."""
+    net = variant["net_kwargs"]
+    image_size = net["image_size"]
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    vit = build_segmenter_vit(
+        img_size=int(image_size), patch_size=int(net["patch_size"]), embed_dim=int(net["d_model"]),
+        depth=int(net["n_layers"]), num_heads=int(net["n_heads"]), mlp_ratio=float(net.get("d_ff", 4 * net["d_model"]))
+        / net["d_model"], dropout=float(net.get("dropout", 0.0)), drop_path_rate=float(net.get("drop_path_rate", 0.0)),
+        distilled=bool(net.get("distilled", False)),
+    )
+    encoder = ALGMViT(vit=vit, algm=algm, pos_embed_interp="bilinear")
+    decoder_kwargs = net["decoder"]
+    num_classes = int(net["n_cls"])
+    name = decoder_kwargs["name"]
+    if name == "mask_transformer":
+        decoder: nn.Module = MaskTransformer(
+            num_classes=num_classes, encoder_dim=encoder.embed_dim, dim=encoder.embed_dim,
+            depth=int(decoder_kwargs["n_layers"]), num_heads=encoder.embed_dim // 64,
+            dropout=float(decoder_kwargs.get("dropout", 0.0)),
+            drop_path_rate=float(decoder_kwargs.get("drop_path_rate", 0.0)), prop_attn=algm.prop_attn)
+    elif "linear" in name:
+        decoder = LinearDecoder(num_classes=num_classes, encoder_dim=encoder.embed_dim)
+    else:
+        raise ValueError(f"variant.yml: unknown decoder name {name!r} (expected 'mask_transformer' or 'linear')")
+    normalization = NORMALIZATION.get(net.get("normalization", "vit"))
+    return Segmenter(encoder=encoder, decoder=decoder, num_classes=num_classes, normalization=normalization)
+
+
+def load_model(checkpoint_path: Union[str, Path], algm: Optional[ALGMConfig] = None, *,
+               weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Segmenter:
+    """A released Segmenter (or ALGM) checkpoint as a ready model in eval mode.
+
+    Args:
+        checkpoint_path: ``.../checkpoint.pth``; ``variant.yml`` must sit beside it.
+        algm: merging to apply (None: the plain model). Training-free: the weights are unchanged.
+        weights_only: load tensors only (safe); False unpickles arbitrary objects — only for trusted files.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    variant = read_variant(checkpoint_path.parent / "variant.yml")
+    model = build_from_variant(variant, OFF if algm is None else algm)
+    state_dict = read_state_dict(checkpoint_path, weights_only=weights_only)
+    load_state_dict_strict(model, state_dict, str(checkpoint_path), drop_prefixes=DROPPED_PREFIXES)
+    return model.to(device).eval()
+
+
+def save_release_checkpoint(model: Segmenter, directory: Union[str, Path], variant: Mapping[str, Any]) -> Path:
+    """Write ``model`` in the release's layout (``checkpoint.pth`` + ``variant.yml``) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, directory / "checkpoint.pth")
+    with open(directory / "variant.yml", "w") as f:
+        yaml.safe_dump(_plain(variant), f)
+    return directory / "checkpoint.pth"
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so safe_dump can write them."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,176 @@
+"""A backbone that drives the blocks of a timm ViT (VisionTransformer/DeiT) or Eva (EVA-01/EVA-02) with ALGM.
+
+The wrapper adopts the timm model's own submodules and parameters (same objects, same state_dict keys, so released
+weights load unchanged) and runs them itself: patch embedding, position embedding, then per block
+``norm1 → attention (SDPA via timm's attention module, with ALGM's key bias) → layer scale / drop path →
+ALGM stages of that layer → norm2 → MLP``, then the final norm. No timm forward code is copied or class-swapped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
+from ...merge.state import attention_dtype
+from .rope import RotaryPhases
+
+logger = logging.getLogger(__name__)
+
+# observer(layer, tokens_after_attention, state): called after every block's attention residual (calibration).
+Observer = Callable[[int, Tensor, MergeState], None]
+
+
+def _block_kind(block: nn.Module) -> str:
+    names = {type(block).__name__} | {cls.__name__ for cls in type(block).__mro__}
+    if "EvaBlock" in names:
+        return "eva"
+    if "Block" in names and all(hasattr(block, a) for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp")):
+        return "vit"
+    raise TypeError(
+        f"ALGMViT drives timm's pre-norm blocks (vision_transformer.Block, eva.EvaBlock); got {type(block).__name__}"
+    )
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int], num_prefix: int,
+                     mode: str) -> Tensor:
+    """Interpolate the grid part of ``pos_embed`` ``[1, P + h*w, C]`` to ``new_grid`` (align_corners=False)."""
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    (h, w), (new_h, new_w) = old_grid, new_grid
+    grid = grid.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new_h, new_w), mode=mode, align_corners=False).to(pos_embed.dtype)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, -1)], dim=1)
+
+
+class ALGMViT(nn.Module):
+    """timm VisionTransformer/Eva encoder with ALGM; ``forward(images) -> (tokens [B, T, C], MergeState)``.
+
+    Args:
+        vit: a timm ``VisionTransformer`` (incl. DeiT) or ``Eva`` (EVA-01, EVA-02 with RoPE) with pre-norm blocks.
+        algm: where and how to merge; ``OFF`` (default) gives the plain model.
+        pos_embed_interp: how the absolute position embedding is resized to another grid ("bilinear" as
+            Segmenter, "bicubic" as timm).
+        activation_checkpointing: recompute the attention and MLP halves of each block in backward when training.
+    """
+
+    def __init__(self, *, vit: nn.Module, algm: ALGMConfig = OFF, pos_embed_interp: str = "bicubic",
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+            raise TypeError(f"expected a timm VisionTransformer or Eva, got {type(vit).__name__}")
+        self.kinds = [_block_kind(block) for block in vit.blocks]
+        algm.check_depth(len(vit.blocks))
+        # Adopt timm's submodules and parameters (same objects): identical state_dict keys, no "vit." prefix.
+        for name, child in vit.named_children():
+            self.add_module(name, child)
+        for name, param in vit.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in vit.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in vit._non_persistent_buffers_set)
+        for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+            if not hasattr(self, name):
+                setattr(self, name, None)
+        if not hasattr(self, "rope"):
+            self.rope = None
+        if getattr(vit, "patch_drop", None) is not None and not isinstance(vit.patch_drop, nn.Identity):
+            raise NotImplementedError("patch dropout changes the token grid; build the timm model without it")
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.no_embed_class = bool(getattr(vit, "no_embed_class", False))
+        self.patch_size = tuple(vit.patch_embed.patch_size)
+        self.pretrain_grid = tuple(vit.patch_embed.grid_size)
+        self.embed_dim = int(vit.embed_dim) if hasattr(vit, "embed_dim") else int(vit.num_features)
+        self.algm = algm
+        self.pos_embed_interp = pos_embed_interp
+        self.activation_checkpointing = activation_checkpointing
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, images: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
+        """Patch + position embedding → (tokens ``[B, P + h*w, C]``, grid (h, w), RoPE sin‖cos ``[h*w, 2D]`` or None)."""
+        ph, pw = self.patch_size
+        if images.shape[-2] % ph or images.shape[-1] % pw:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {(ph, pw)}; "
+                             "pad it first (Segmenter pads bottom/right like the release)")
+        x = self.patch_embed.proj(images)
+        grid = (x.shape[-2], x.shape[-1])
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
+                  if t is not None]
+        pos_embed = self.pos_embed
+        if pos_embed is not None and grid != self.pretrain_grid:
+            num_embedded_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            pos_embed = resize_pos_embed(pos_embed, self.pretrain_grid, grid, num_embedded_prefix,
+                                         self.pos_embed_interp)
+        if self.no_embed_class:
+            x = x + pos_embed if pos_embed is not None else x
+            x = torch.cat(prefix + [x], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1)
+            x = x + pos_embed if pos_embed is not None else x
+        x = self.norm_pre(self.pos_drop(x))
+        rope = None
+        if self.rope is not None:
+            rope = self.rope.get_embed(shape=list(grid))
+            if rope.shape[0] != grid[0] * grid[1]:
+                raise ValueError(f"this Eva's RoPE is fixed to its pretraining grid {self.pretrain_grid}, input grid is "
+                                 f"{grid}; build the timm model with dynamic_img_size=True")
+        return x, grid, rope
+
+    def _attention_residual(self, index: int, x: Tensor, bias: Optional[Tensor], rope: Optional[Tensor]) -> Tensor:
+        block = self.blocks[index]
+        if self.kinds[index] == "eva":
+            out = block.attn(block.norm1(x), rope=rope, attn_mask=bias)
+            if block.gamma_1 is not None:
+                out = block.gamma_1 * out
+            return x + block.drop_path1(out)
+        return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+
+    def _mlp_residual(self, index: int, x: Tensor) -> Tensor:
+        block = self.blocks[index]
+        out = block.mlp(block.norm2(x))
+        if self.kinds[index] == "eva":
+            if block.gamma_2 is not None:
+                out = block.gamma_2 * out
+            return x + block.drop_path2(out)
+        return x + block.drop_path2(block.ls2(out))
+
+    def _maybe_checkpoint(self, fn: Callable[..., Tensor], *args: object) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, images: Tensor, observer: Optional[Observer] = None) -> Tuple[Tensor, MergeState]:
+        """Normalized images ``[B, 3, H, W]`` (H, W multiples of the patch) → final-norm tokens and the merge state."""
+        x, grid, grid_rope = self.embed(images)
+        state = MergeState.initial(x.shape[0], grid, self.num_prefix_tokens, x.device)
+        phases = None
+        rope, bias = grid_rope, None
+        for index in range(self.depth):
+            layer = index + 1
+            x = self._maybe_checkpoint(self._attention_residual, index, x, bias, rope)
+            if observer is not None:
+                observer(layer, x, state)
+            merged_state = state
+            x, state = merge_after_attention(x, state, self.algm, layer)
+            if state is not merged_state:
+                bias = state.attention_bias(self.algm.prop_attn, attention_dtype(x))
+                if grid_rope is not None:
+                    phases = phases or RotaryPhases(grid_rope, grid)
+                    rope = phases.embed(state.positions[:, self.num_prefix_tokens:])[:, None]
+            x = self._maybe_checkpoint(self._mlp_residual, index, x)
+            state.record_layer()
+        return self.norm(x), state
+
+
+def apply_algm(model: nn.Module, config: Optional[ALGMConfig] = None, **kwargs: object) -> ALGMViT:
+    """Wrap a timm VisionTransformer/Eva so that it merges tokens with ALGM (``config=None``: the defaults).
+
+    The result returns ``(tokens, state)``; ``state.unmerge_to_grid(tokens)`` restores a ``[B, C, H, W]`` map.
+    """
+    return ALGMViT(vit=model, algm=ALGMConfig() if config is None else config, **kwargs)
