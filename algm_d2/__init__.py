@@ -5,8 +5,11 @@ __version__ = "0.1.0"
 __all__ = ["ALGMConfig", "FixedLevel", "MergeState", "apply_algm", "__version__"]
 
 
-def apply_algm(model, config=None):  # noqa: ANN001, ANN201 - typed in algm_d2.modeling.backbone.algm_vit
-    """Wrap a timm VisionTransformer/Eva so it merges tokens: see :func:`algm_d2.modeling.apply_algm`."""
+def apply_algm(model, config=None, **kwargs):  # noqa: ANN001, ANN003, ANN201 - typed in modeling.backbone.algm_vit
+    """Wrap a timm VisionTransformer/Eva so it merges tokens: see :func:`algm_d2.modeling.apply_algm`.
+
+    Imported lazily so that ``import algm_d2`` (the merge API) does not import timm.
+    """
     from .modeling.backbone.algm_vit import apply_algm as _apply_algm
 
-    return _apply_algm(model, config)
+    return _apply_algm(model, config, **kwargs)

@@ -1,10 +1,10 @@
 """Loaders for released checkpoints (strict key/shape checks, ``weights_only=True`` by default)."""
 from .segmenter import (
-    NORMALIZATION, CheckpointMismatchError, build_from_variant, load_model, load_state_dict_strict, read_state_dict,
+    NORMALIZATION, CheckpointMismatchError, build_from_variant, load_model, load_model_weights, load_state_dict_strict, read_state_dict,
     read_variant, save_release_checkpoint,
 )
 
 __all__ = [
-    "NORMALIZATION", "CheckpointMismatchError", "build_from_variant", "load_model", "load_state_dict_strict",
+    "NORMALIZATION", "CheckpointMismatchError", "build_from_variant", "load_model", "load_model_weights", "load_state_dict_strict",
     "read_state_dict", "read_variant", "save_release_checkpoint",
 ]

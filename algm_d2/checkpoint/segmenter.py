@@ -139,6 +139,18 @@ def load_model(checkpoint_path: Union[str, Path], algm: Optional[ALGMConfig] = N
     return model.to(device).eval()
 
 
+def load_model_weights(model: nn.Module, path: Union[str, Path], *, weights_only: bool = True) -> None:
+    """Load MODEL.WEIGHTS into a built model: our checkpoints (keys ``net.*``) into the model, release
+    checkpoints (``encoder.*``/``decoder.*``, ImageNet head dropped) into its ``net``; strict keys and shapes."""
+    state_dict = read_state_dict(path, weights_only=weights_only)
+    target = model
+    if hasattr(model, "net") and not any(k.startswith("net.") for k in state_dict):
+        target = model.net
+    # Non-persistent buffers (pixel statistics) are not in checkpoints; state_dict() already leaves them out.
+    load_state_dict_strict(target, state_dict, str(path), drop_prefixes=DROPPED_PREFIXES)
+    logger.info("loaded weights from %s into %s", path, type(target).__name__)
+
+
 def save_release_checkpoint(model: Segmenter, directory: Union[str, Path], variant: Mapping[str, Any]) -> Path:
     """Write ``model`` in the release's layout (``checkpoint.pth`` + ``variant.yml``) into ``directory``."""
     directory = Path(directory)

@@ -22,6 +22,8 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     """
     b, t, _ = x.shape
     p = state.num_prefix
+    if t - p < 2:
+        return x, state  # nothing to pair (the release returns early too)
     device = x.device
     metric = F.normalize(x, dim=-1)
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)

@@ -145,8 +145,13 @@ class ALGMViT(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, images: Tensor, observer: Optional[Observer] = None) -> Tuple[Tensor, MergeState]:
-        """Normalized images ``[B, 3, H, W]`` (H, W multiples of the patch) → final-norm tokens and the merge state."""
+    def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
+                ) -> Tuple[Tensor, MergeState]:
+        """Normalized images ``[B, 3, H, W]`` (H, W multiples of the patch) → final-norm tokens and the merge state.
+
+        ``algm`` overrides the module's config for this call (e.g. ``OFF`` to calibrate on the base model).
+        """
+        algm = self.algm if algm is None else algm
         x, grid, grid_rope = self.embed(images)
         state = MergeState.initial(x.shape[0], grid, self.num_prefix_tokens, x.device)
         phases = None
@@ -157,9 +162,9 @@ class ALGMViT(nn.Module):
             if observer is not None:
                 observer(layer, x, state)
             merged_state = state
-            x, state = merge_after_attention(x, state, self.algm, layer)
+            x, state = merge_after_attention(x, state, algm, layer)
             if state is not merged_state:
-                bias = state.attention_bias(self.algm.prop_attn, attention_dtype(x))
+                bias = state.attention_bias(algm.prop_attn, attention_dtype(x))
                 if grid_rope is not None:
                     phases = phases or RotaryPhases(grid_rope, grid)
                     rope = phases.embed(state.positions[:, self.num_prefix_tokens:])[:, None]

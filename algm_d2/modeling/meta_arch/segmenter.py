@@ -6,6 +6,7 @@ padded size, crop the padding. Module names (``encoder.*``, ``decoder.*``) are t
 """
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -131,9 +132,30 @@ def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
               "batch_policy": "BATCH_POLICY", "prop_attn": "PROP_ATTN"}
     values = {name: node[key] for name, key in fields.items()}
     values["window"] = tuple(values["window"])
+    if node.CALIBRATION_FILE:
+        values.update(calibrated_thresholds(node.CALIBRATION_FILE, values))
     try:
         return ALGMConfig(**values)
     except ValueError as err:
         field = str(err).split(" ")[0].rstrip(":")
         key = fields.get(field)
         raise ValueError(f"MODEL.ALGM.{key}: {err}" if key else f"MODEL.ALGM: {err}") from None
+
+
+def calibrated_thresholds(path: str, values: Dict[str, Any]) -> Dict[str, float]:
+    """τ = μ + σ from a calibration JSON for each stage whose rule is a float; rules given as strings are kept."""
+    try:
+        with open(path) as f:
+            layers = json.load(f)["layers"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: cannot read per-layer thresholds from {path}: {err}") from None
+    updates = {}
+    for stage in ("local", "global"):
+        layer, rule = values[f"{stage}_layer"], values[f"{stage}_threshold"]
+        if layer is None or not isinstance(rule, (int, float)) or isinstance(rule, bool):
+            continue
+        if str(layer) not in layers:
+            raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {path} has no threshold for layer {layer} "
+                             f"(it has layers {sorted(layers)})")
+        updates[f"{stage}_threshold"] = float(layers[str(layer)]["threshold"])
+    return updates

@@ -1,0 +1,25 @@
+"""Models: the ALGM backbone over timm ViT/Eva, Segmenter, and detectron2's calling convention around them."""
+from __future__ import annotations
+
+import torch
+
+from .backbone.algm_vit import ALGMViT, apply_algm
+from .heads.segmenter_heads import LinearDecoder, MaskTransformer
+from .meta_arch.segmenter import SEGMENTER_VARIANTS, Segmenter, algm_config_from_cfg, build_segmenter_vit
+from .meta_arch.semantic_segmentor import SemanticSegmentor
+from .registry import (
+    BACKBONE_REGISTRY, META_ARCH_REGISTRY, PIXEL_DECODER_REGISTRY, SEM_SEG_HEAD_REGISTRY,
+    TRANSFORMER_DECODER_REGISTRY,
+)
+
+__all__ = [
+    "ALGMViT", "apply_algm", "LinearDecoder", "MaskTransformer", "Segmenter", "SEGMENTER_VARIANTS",
+    "SemanticSegmentor", "algm_config_from_cfg", "build_segmenter_vit", "build_model", "BACKBONE_REGISTRY",
+    "META_ARCH_REGISTRY", "PIXEL_DECODER_REGISTRY", "SEM_SEG_HEAD_REGISTRY", "TRANSFORMER_DECODER_REGISTRY",
+]
+
+
+def build_model(cfg) -> SemanticSegmentor:  # noqa: ANN001 - a CfgNode
+    """The model MODEL.* describes, on MODEL.DEVICE, in training mode (detectron2's ``build_model``)."""
+    model = SemanticSegmentor.from_config(cfg)
+    return model.to(torch.device(cfg.MODEL.DEVICE))
