@@ -85,14 +85,51 @@ def _model(cfg: CN) -> None:
 
 def _input(cfg: CN) -> None:
     cfg.INPUT = CN()
+    # Training resize (mmseg/Segmenter): draw r in RATIO_RANGE and fit the image, keeping its aspect ratio, inside
+    # (long, short) = IMAGE_SCALE * r.
+    cfg.INPUT.IMAGE_SCALE = (2048, 512)
+    cfg.INPUT.RATIO_RANGE = (0.5, 2.0)
+    # Training crop (height, width); smaller images are padded to it at the bottom/right (image 0, label ignore).
+    cfg.INPUT.CROP_SIZE = (512, 512)
+    # Redraw the crop (up to 10 times) while one class covers >= this fraction of its labelled pixels; 1.0 = off.
+    cfg.INPUT.CAT_MAX_RATIO = 0.75
+    # Probability of a horizontal flip in training.
+    cfg.INPUT.FLIP_PROB = 0.5
+    # mmseg's PhotoMetricDistortion (random brightness, contrast, saturation, hue) in training.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION = True
+    # Test resize: short side to MIN_SIZE_TEST, long side at most MAX_SIZE_TEST, keeping the ratio (ADE20K's
+    # (2048, 512) test scale); MIN_SIZE_TEST 0 = no resize, MAX_SIZE_TEST 0 = no limit.
+    cfg.INPUT.MIN_SIZE_TEST = 512
+    cfg.INPUT.MAX_SIZE_TEST = 2048
 
 
 def _datasets(cfg: CN) -> None:
     cfg.DATASETS = CN()
+    # Registered dataset names (algm_d2.data.DATASET_REGISTRY; builtins in datasets/README.md). TRAIN datasets are
+    # concatenated (same classes required); each TEST dataset is evaluated on its own.
+    cfg.DATASETS.TRAIN = ()
+    cfg.DATASETS.TEST = ()
+    # Folder datasets registered at start-up: NAMES[i] pairs IMAGE_DIRS[i]/<stem>IMAGE_EXT with
+    # MASK_DIRS[i]/<stem>MASK_EXT (label values 0..K-1 or IGNORE_LABEL); CLASSES_FILE lists the K class names, one
+    # per line. Use the names in DATASETS.TRAIN / TEST.
+    cfg.DATASETS.CUSTOM = CN()
+    cfg.DATASETS.CUSTOM.NAMES = ()
+    cfg.DATASETS.CUSTOM.IMAGE_DIRS = ()
+    cfg.DATASETS.CUSTOM.MASK_DIRS = ()
+    cfg.DATASETS.CUSTOM.CLASSES_FILE = ""
+    cfg.DATASETS.CUSTOM.IGNORE_LABEL = 255
+    cfg.DATASETS.CUSTOM.IMAGE_EXT = ".jpg"
+    cfg.DATASETS.CUSTOM.MASK_EXT = ".png"
 
 
 def _dataloader(cfg: CN) -> None:
     cfg.DATALOADER = CN()
+    # Loader worker processes per rank (0 = load in the main process).
+    cfg.DATALOADER.NUM_WORKERS = 4
+    # True: a sample that cannot be used (missing or corrupt file, label values out of range, image/label size
+    # mismatch) is skipped with a warning and counted (loader.dataset.num_skipped) instead of stopping the run;
+    # training replaces it with another sample, evaluation leaves it out.
+    cfg.DATALOADER.SKIP_BAD_SAMPLES = False
 
 
 def _solver(cfg: CN) -> None:
@@ -105,6 +142,16 @@ def _deepspeed(cfg: CN) -> None:
 
 def _test(cfg: CN) -> None:
     cfg.TEST = CN()
+    # Test-time inference (algm_d2.modeling.SemanticSegmentor).
+    # "whole": one forward per (resized) image; "slide": the release's sliding window of CROP_SIZE every STRIDE.
+    cfg.TEST.MODE = "whole"
+    cfg.TEST.CROP_SIZE = 512
+    cfg.TEST.STRIDE = 512
+    # Crops per network forward in "slide" mode (the release's inference batch).
+    cfg.TEST.BATCH_SIZE = 8
+    # Scale factors of the test image (multi-scale averages the class probabilities) and horizontal flip.
+    cfg.TEST.SCALES = [1.0]
+    cfg.TEST.FLIP = False
 
 
 def get_cfg() -> CN:
