@@ -47,7 +47,7 @@ _ZERO_MAC_OPS = frozenset("aten::" + name for name in (
     "mean", "meshgrid", "min", "minimum", "movedim", "mul", "mul_", "ne", "neg", "new_ones", "norm", "one_hot",
     "ones_like", "pad", "pow", "reciprocal", "repeat", "repeat_interleave", "rsqrt", "rsub", "scatter", "scatter_",
     "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "searchsorted", "sigmoid", "sigmoid_", "silu",
-    "silu_", "sin", "softmax", "sort", "sqrt", "std", "sub", "sub_", "sum", "take_along_dim", "tanh", "topk",
+    "silu_", "sin", "softmax", "sort", "sqrt", "square", "std", "sub", "sub_", "sum", "take_along_dim", "tanh", "topk",
     "unflatten", "unique_consecutive", "var", "view_as", "where",
 ))
 
