@@ -1,0 +1,143 @@
+"""Speed benchmark of a segmentation network with and without ALGM, as ratios measured in one run.
+
+Two protocols: ``repeat`` feeds one image copied ×batch (the release's protocol: every image of a batch merges the
+same tokens) and ``mixed`` feeds distinct images (what evaluation sees: under the ``min`` policy the batch merges
+as little as its least mergeable image). For each ALGM setting it reports images/s (median after warm-up), batch-1
+latency, peak memory, GFLOPs per image (fvcore multiply-adds, attention counted) and kept tokens after each block.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..merge import OFF, ALGMConfig, FixedLevel
+from .flop_count import count_gflops
+from .throughput import measure_throughput
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("repeat", "mixed")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The paper's Seg-S token counts at 512² (1025 → 833 after CLAP → 708 after GBM) as fractions of the candidates:
+# 64 of 256 windows, 125 of 416 A-side tokens. The same fractions give the paper's level for other sizes.
+PAPER_LOCAL_FRACTION = 64 / 256
+PAPER_GLOBAL_FRACTION = 125 / 416
+
+
+def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: float = 0.88
+                      ) -> Dict[str, ALGMConfig]:
+    """The settings the speed issue compares: plain, the release's rule (both policies), the paper's token
+    level, and both stages on but merging nothing (the merge overhead)."""
+    layers = {"local_layer": local_layer, "global_layer": global_layer}
+    return {
+        "baseline": OFF,
+        "algm": ALGMConfig(**layers, local_threshold=threshold, global_threshold="batch_stats", batch_policy="min"),
+        "algm_per_image": ALGMConfig(**layers, local_threshold=threshold, global_threshold="batch_stats",
+                                     batch_policy="per_image"),
+        "paper_level": ALGMConfig(**layers, local_threshold=FixedLevel(fraction=PAPER_LOCAL_FRACTION),
+                                  global_threshold=FixedLevel(fraction=PAPER_GLOBAL_FRACTION)),
+        "level0": ALGMConfig(**layers, local_threshold=FixedLevel(count=0), global_threshold=FixedLevel(count=0)),
+    }
+
+
+def _batches(images: Tensor, batch_size: int, protocol: str) -> List[Tensor]:
+    """``repeat``: one batch per image, the image copied; ``mixed``: consecutive distinct images, cycling."""
+    n = images.shape[0]
+    if protocol == "repeat":
+        return [images[i:i + 1].expand(batch_size, -1, -1, -1).contiguous() for i in range(n)]
+    order = itertools.cycle(range(n))
+    count = max(1, n // batch_size) if n >= batch_size else n
+    return [images[[next(order) for _ in range(batch_size)]] for _ in range(count)]
+
+
+def _token_summary(stats_per_batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    per_layer = [sum((s["tokens_per_layer"][i] for s in stats_per_batch), [])
+                 for i in range(len(stats_per_batch[0]["tokens_per_layer"]))]
+    return {"initial_tokens": stats_per_batch[0]["initial_tokens"],
+            "mean_tokens_per_layer": [float(np.mean(layer)) for layer in per_layer],
+            "min_tokens_per_layer": [int(min(layer)) for layer in per_layer],
+            "max_tokens_per_layer": [int(max(layer)) for layer in per_layer]}
+
+
+def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGMConfig], batch_size: int = 32,
+                  precision: str = "bf16", protocols: Sequence[str] = PROTOCOLS, warmup: int = 50,
+                  iters: int = 100, latency: bool = True, flops_images: int = 4, progress: bool = False
+                  ) -> Dict[str, Any]:
+    """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
+
+    Returns {"config": {...}, "results": {setting: {"protocols": {protocol: throughput + tokens}, "latency_ms",
+    "gflops_per_image", "tokens_by_image"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}}}.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    device = images.device
+    dtype = PRECISIONS[precision]
+    net.eval()
+    results: Dict[str, Any] = {}
+    for name, algm in settings.items():
+        net.set_algm(algm)
+        entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {}}
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for protocol in protocols:
+                batches = _batches(images, batch_size, protocol)
+                stats = []
+                for batch in batches:
+                    net(batch)
+                    stats.append(net.merge_stats)
+                cycle = itertools.cycle(batches)
+                timing = measure_throughput(lambda _: net(next(cycle)), None, warmup=warmup, iters=iters,
+                                            device=device, batch_size=batch_size, progress=progress)
+                entry["protocols"][protocol] = {**timing, "tokens": _token_summary(stats)}
+            if latency:
+                singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
+                entry["latency_ms"] = measure_throughput(lambda _: net(next(singles)), None, warmup=max(warmup // 5, 1),
+                                                         iters=max(iters // 2, 1), device=device,
+                                                         batch_size=1)["ms_per_batch_median"]
+        counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
+        entry["gflops_per_image"] = float(np.mean(counted)) if counted else None
+        results[name] = entry
+        logger.info("%s: %s", name, {p: round(v["images_per_second"], 1) for p, v in entry["protocols"].items()})
+    net.set_algm(OFF)
+    ratios = {}
+    if "baseline" in results:
+        base = results["baseline"]["protocols"]
+        ratios = {name: {p: r["protocols"][p]["images_per_second"] / base[p]["images_per_second"] for p in protocols}
+                  for name, r in results.items()}
+    return {"config": {"batch_size": batch_size, "precision": precision, "protocols": list(protocols),
+                       "warmup": warmup, "iters": iters, "num_images": int(images.shape[0]),
+                       "image_size": list(images.shape[-2:]), "device": _device_name(device)},
+            "results": results, "ratios": ratios}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def benchmark_table(report: Mapping[str, Any], local_layer: int = 1, global_layer: int = 5) -> str:
+    """Markdown: one row per (setting, protocol) with im/s, ratio to baseline, GFLOPs, tokens after the ALGM layers."""
+    rows = ["| setting | protocol | images/s | × baseline | GFLOPs/img | tokens after L{} | tokens after L{} | "
+            "final tokens | latency b=1 (ms) | peak MB |".format(local_layer, global_layer),
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["results"].items():
+        for protocol, values in entry["protocols"].items():
+            tokens = values["tokens"]["mean_tokens_per_layer"]
+            ratio = report["ratios"].get(name, {}).get(protocol)
+            peak = values.get("peak_memory_mb")
+            rows.append("| {} | {} | {:.1f} | {} | {} | {:.0f} | {:.0f} | {:.0f} | {} | {} |".format(
+                name, protocol, values["images_per_second"], f"{ratio:.2f}" if ratio else "—",
+                f"{entry['gflops_per_image']:.3g}" if entry.get("gflops_per_image") is not None else "—",
+                tokens[local_layer - 1] if len(tokens) >= local_layer else float("nan"),
+                tokens[global_layer - 1] if len(tokens) >= global_layer else float("nan"), tokens[-1],
+                f"{entry['latency_ms']:.2f}" if entry.get("latency_ms") is not None else "—",
+                f"{peak:.0f}" if peak else "—"))
+    return "\n".join(rows)

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Benchmark Segmenter with and without ALGM: images/s (repeat and mixed protocols), latency, memory, GFLOPs, tokens.
+
+Examples:
+  # random-weight Seg-S at 512², batch 32, bf16, on the GPU (the paper's setting)
+  python tools/benchmark.py --variant small --device cuda --precision bf16 --output-dir output/bench
+  # a released checkpoint on your own images
+  python tools/benchmark.py --checkpoint seg_small_mask/checkpoint.pth --images my_images/ --device cuda
+  # a quick CPU run anyone can reproduce
+  python tools/benchmark.py --variant tiny --image-size 256 --batch-size 4 --precision fp32 --warmup 2 --iters 5
+Writes benchmark.json and benchmark.md into --output-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model  # noqa: E402
+from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
+from algm_d2.evaluation import save_json  # noqa: E402
+from algm_d2.evaluation.benchmark import PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, standard_settings  # noqa: E402
+from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+
+def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--variant", choices=sorted(SEGMENTER_VARIANTS), default="small",
+                       help="random-weight Segmenter (ADE20K, 150 classes, mask transformer)")
+    model.add_argument("--checkpoint", help="a release checkpoint.pth (variant.yml beside it)")
+    parser.add_argument("--image-size", type=int, default=None, help="crop size (default 512; 640 for large)")
+    parser.add_argument("--images", default="demo",
+                        help="folder of images, or 'demo' for the procedural demo dataset (default)")
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="subset of: baseline algm algm_per_image paper_level level0 (default all)")
+    parser.add_argument("--threshold", type=float, default=0.88, help="CLAP τ of the algm settings")
+    parser.add_argument("--global-layer", type=int, default=None, help="GBM layer (default 5; 7 for large)")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--flops-images", type=int, default=2, help="images whose GFLOPs are counted (0: skip)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-dir", default="output/benchmark")
+    return parser.parse_args(argv)
+
+
+def load_images(source: str, count: int, size: int) -> torch.Tensor:
+    """``count`` RGB images as float [0, 1] tensors resized (short side) and center-cropped to ``size``²."""
+    if source == "demo":
+        paths = [r["file_name"] for r in get_dataset_dicts("demo_shapes_val")[:count]]
+    else:
+        folder = Path(source)
+        paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})
+        if not paths:
+            raise FileNotFoundError(f"--images {folder}: no .jpg/.jpeg/.png/.bmp files")
+        paths = paths[:count]
+    images = []
+    for path in paths:
+        image = torch.from_numpy(np.ascontiguousarray(read_image(path))).permute(2, 0, 1)[None].float() / 255
+        scale = size / min(image.shape[-2:])
+        new = (max(size, round(image.shape[-2] * scale)), max(size, round(image.shape[-1] * scale)))
+        image = F.interpolate(image, size=new, mode="bilinear", align_corners=False)
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        images.append(image[..., top:top + size, left:left + size])
+    return torch.cat(images)
+
+
+def main(argv=None) -> None:  # noqa: ANN001
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.checkpoint:
+        net = load_model(args.checkpoint)
+        size = args.image_size or net.encoder.pretrain_grid[0] * net.patch_size
+        normalization = net.normalization or NORMALIZATION["vit"]
+        depth = net.encoder.depth
+    else:
+        sizes = SEGMENTER_VARIANTS[args.variant]
+        size = args.image_size or (640 if args.variant == "large" else 512)
+        variant = {"net_kwargs": {"image_size": size, "patch_size": 16, "d_model": sizes["embed_dim"],
+                                  "n_heads": sizes["num_heads"], "n_layers": sizes["depth"], "n_cls": 150,
+                                  "decoder": {"name": "mask_transformer", "n_layers": 2}}}
+        torch.manual_seed(0)
+        net = build_from_variant(variant).eval()
+        normalization = NORMALIZATION["vit"]
+        depth = sizes["depth"]
+    global_layer = args.global_layer or (7 if depth == 24 else 5)
+    settings = standard_settings(global_layer=global_layer, threshold=args.threshold)
+    if args.settings:
+        missing = set(args.settings) - set(settings)
+        if missing:
+            raise SystemExit(f"--settings: unknown {sorted(missing)}; choose from {sorted(settings)}")
+        settings = {name: settings[name] for name in args.settings}
+    device = torch.device(args.device)
+    images = load_images(args.images, args.num_images, size)
+    mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
+    images = ((images - mean) / std).to(device)
+    net = net.to(device)
+    report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
+                           protocols=args.protocols, warmup=args.warmup, iters=args.iters,
+                           flops_images=args.flops_images, progress=True)
+    report["config"].update({"model": args.checkpoint or f"segmenter_{args.variant} (random weights)",
+                             "images": args.images, "command": " ".join(sys.argv)})
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "benchmark.json", report)
+    table = benchmark_table(report, global_layer=global_layer)
+    (out / "benchmark.md").write_text(table + "\n")
+    print(table)  # the CLI's result
+
+
+if __name__ == "__main__":
+    main()
