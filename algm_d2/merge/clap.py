@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Rule
-from .rules import descending_rank, merge_counts, sequence_length
+from .rules import merge_counts, top_rank
 from .state import MergeState
 
 
@@ -47,6 +47,10 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
 
     ``x`` is the full sequence ``[B, P + H*W, C]`` of an unmerged state. The order left behind is the release's:
     prefix tokens, then the merged windows by descending similarity, then the other cells in grid order.
+
+    Windows whose scores lie within float32 rounding of each other (near-identical content) may be ordered
+    differently than in the release, whose scores are rounded differently (pairwise cosines, explicit attention);
+    with exactly equal scores the order is ``topk``'s, as there.
     """
     if state.merged:
         raise ValueError("CLAP (local merging) needs the unmerged grid: run it at or before the first merge")
@@ -58,7 +62,8 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
     p = state.num_prefix
     scores = window_similarity(x[:, p:].reshape(b, h, w, c), window).flatten(1)
     counts = merge_counts(scores, None, rule, policy, layer)
-    rank = descending_rank(scores)
+    counts_host = counts.tolist()  # the one host sync: topk needs k, and the output length follows from counts
+    rank = top_rank(scores, max(counts_host))
     merged_window = rank < counts[:, None]
 
     cell_window = window_index(state.grid_size, window, x.device)
@@ -70,5 +75,5 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
     dest = torch.cat([torch.arange(p, device=x.device).expand(b, p), dest_cells], dim=1)
 
     num_tokens = p + counts + (h * w - kh * kw * counts)
-    seq_len, padded = sequence_length(num_tokens)
-    return state.apply(x, dest, num_tokens, seq_len, padded)
+    kept = [p + c + h * w - kh * kw * c for c in counts_host]
+    return state.apply(x, dest, num_tokens, max(kept), min(kept) != max(kept))

@@ -52,11 +52,24 @@ def merge_counts(scores: Tensor, candidates: Optional[Tensor], rule: Rule, polic
     return counts
 
 
+def ranks_from_order(order: Tensor, size: int) -> Tensor:
+    """Invert a per-row ordering of (some of) ``size`` entries: entry ``order[b, j]`` gets rank j, others ``size``."""
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.full((order.shape[0], size), size, dtype=torch.long, device=order.device).scatter_(1, order, ranks)
+
+
 def descending_rank(scores: Tensor) -> Tensor:
-    """Rank of each entry when its row is sorted by descending score (stable: ties keep index order)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
+    """Rank of each entry when its row is sorted by descending score.
+
+    Uses ``argsort(descending=True)`` as the release's GBM does, so equal scores (identical tokens, e.g. saturated
+    image regions) are ordered the same way as there on the same device.
+    """
+    return ranks_from_order(scores.argsort(dim=1, descending=True), scores.shape[1])
+
+
+def top_rank(scores: Tensor, k: int) -> Tensor:
+    """Rank among each row's ``k`` best entries (``k`` or more for the rest), via ``topk`` as the release's CLAP."""
+    return ranks_from_order(scores.topk(k, dim=1).indices, scores.shape[1])
 
 
 def sequence_length(num_tokens: Tensor) -> Tuple[int, bool]:
