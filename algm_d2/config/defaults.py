@@ -134,14 +134,50 @@ def _dataloader(cfg: CN) -> None:
 
 def _solver(cfg: CN) -> None:
     cfg.SOLVER = CN()
+    # Iterations (optimizer steps) of training; one step consumes IMS_PER_BATCH images over all ranks.
+    cfg.SOLVER.MAX_ITER = 160000
+    # Global batch: images per optimizer step over all ranks and accumulation steps.
+    cfg.SOLVER.IMS_PER_BATCH = 8
+    # Micro-batches accumulated per step (per-rank micro-batch = IMS_PER_BATCH / world size / GRAD_ACCUM_STEPS).
+    cfg.SOLVER.GRAD_ACCUM_STEPS = 1
+    # "SGD" (the Segmenter release: momentum 0.9, no weight decay) or "AdamW".
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BASE_LR = 0.001
+    cfg.SOLVER.MOMENTUM = 0.9
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    # Layer-wise lr decay for the ViT (block i gets DECAY^(depth + 1 - (i + 1))); 1.0 = off.
+    cfg.SOLVER.LAYER_DECAY = 1.0
+    # "poly" (lr = (base - min) * (1 - t/T)^POLY_POWER + min, the release's) or "cosine".
+    cfg.SOLVER.LR_SCHEDULER = "poly"
+    cfg.SOLVER.POLY_POWER = 0.9
+    cfg.SOLVER.MIN_LR = 1e-5
+    # Linear warmup from WARMUP_FACTOR * lr over WARMUP_ITERS steps (0 = none).
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.WARMUP_FACTOR = 0.001
+    # Gradient clipping by global norm; 0 = off.
+    cfg.SOLVER.CLIP_GRADIENTS = 0.0
+    # Save a checkpoint every this many steps (and at the end); keep the newest MAX_CHECKPOINTS_TO_KEEP.
+    cfg.SOLVER.CHECKPOINT_PERIOD = 5000
+    cfg.SOLVER.MAX_CHECKPOINTS_TO_KEEP = 2
+    # Write losses/lr/timing to the console, metrics.json and TensorBoard every this many steps.
+    cfg.SOLVER.LOG_PERIOD = 20
 
 
 def _deepspeed(cfg: CN) -> None:
     cfg.DEEPSPEED = CN()
+    # ZeRO stage 0-3 (partitioning of optimizer states / gradients / parameters across ranks).
+    cfg.DEEPSPEED.ZERO_STAGE = 0
+    # "fp32", "bf16" or "fp16" (fp16 needs a GPU: DeepSpeed's CPU backend has none).
+    cfg.DEEPSPEED.PRECISION = "fp32"
+    # Distributed backend when launched without one: "auto" = nccl on CUDA, gloo on CPU.
+    cfg.DEEPSPEED.BACKEND = "auto"
 
 
 def _test(cfg: CN) -> None:
     cfg.TEST = CN()
+    # Evaluate every this many training steps (and at the end); 0 = only at the end.
+    cfg.TEST.EVAL_PERIOD = 0
     # Test-time inference (algm_d2.modeling.SemanticSegmentor).
     # "whole": one forward per (resized) image; "slide": the release's sliding window of CROP_SIZE every STRIDE.
     cfg.TEST.MODE = "whole"
