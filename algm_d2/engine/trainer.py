@@ -102,7 +102,8 @@ class Trainer:
         else:
             yield
 
-    def train(self) -> Dict[str, Any]:
+    def train(self, stop_at: Optional[int] = None) -> Dict[str, Any]:
+        """Train to SOLVER.MAX_ITER, or stop after step ``stop_at`` (a time-boxed job; resume continues it)."""
         cfg, solver = self.cfg, self.cfg.SOLVER
         max_iter = solver.MAX_ITER
         data = iter(self.loader)
@@ -136,6 +137,10 @@ class Trainer:
             if cfg.DATASETS.TEST and (step == max_iter or (cfg.TEST.EVAL_PERIOD and step % cfg.TEST.EVAL_PERIOD == 0)):
                 results = evaluate(cfg, self.model, self.gathered_parameters)
                 self._log_eval(step, results)
+            if stop_at is not None and step >= stop_at and step < max_iter:
+                save_training_checkpoint(self.engine, self.checkpoint_dir, step, solver.MAX_CHECKPOINTS_TO_KEEP)
+                bar.close()
+                return results
         bar.close()
         self.export_final_weights()
         return results

@@ -69,9 +69,10 @@ class SemanticSegmentor(nn.Module):
         return self.pixel_mean.device
 
     def _normalize(self, image: Tensor) -> Tensor:
-        """uint8 RGB → normalized, in the dtype the model's buffers have (bf16 under DeepSpeed's bf16 mode)."""
+        """uint8 RGB → normalized, in the dtype of the model's weights (bf16 under DeepSpeed's bf16 mode)."""
         image = image.to(self.device, non_blocking=True).float()
-        return ((image - self.pixel_mean.float()) / self.pixel_std.float()).to(self.pixel_mean.dtype)
+        dtype = next(self.net.parameters()).dtype
+        return ((image - self.pixel_mean.float()) / self.pixel_std.float()).to(dtype)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):  # noqa: ANN201 - dict of losses or list of results
         self._forward_stats = []
