@@ -111,7 +111,7 @@ def main(argv=None) -> None:  # noqa: ANN001
     net = net.to(device)
     report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
-                           flops_images=args.flops_images, progress=True)
+                           flops_images=args.flops_images, progress=sys.stderr.isatty())
     report["config"].update({"model": args.checkpoint or f"segmenter_{args.variant} (random weights)",
                              "images": args.images, "command": " ".join(sys.argv)})
     out = Path(args.output_dir)

@@ -140,13 +140,21 @@ def _solver(cfg: CN) -> None:
     cfg.SOLVER.IMS_PER_BATCH = 8
     # Micro-batches accumulated per step (per-rank micro-batch = IMS_PER_BATCH / world size / GRAD_ACCUM_STEPS).
     cfg.SOLVER.GRAD_ACCUM_STEPS = 1
-    # "SGD" (the Segmenter release: momentum 0.9, no weight decay) or "AdamW".
+    # "SGD" or "AdamW" (torch optimizers handed to DeepSpeed). The Segmenter release: SGD, momentum 0.9, Nesterov,
+    # no weight decay.
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BASE_LR = 0.001
+    # SGD only.
     cfg.SOLVER.MOMENTUM = 0.9
+    cfg.SOLVER.NESTEROV = False
+    # AdamW only.
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.EPS = 1e-8
+    # Decoupled (AdamW) or L2 (SGD) weight decay; never applied to biases, norm weights, position embeddings and
+    # class tokens/embeddings (pos_embed, cls_token, cls_emb, ...).
     cfg.SOLVER.WEIGHT_DECAY = 0.0
-    # Layer-wise lr decay for the ViT (block i gets DECAY^(depth + 1 - (i + 1))); 1.0 = off.
+    # Layer-wise lr decay (ViTDet/BEiT): embeddings are layer 0, encoder block i layer i + 1, everything after the
+    # last block layer depth + 1; a parameter of layer l gets lr * LAYER_DECAY^(depth + 1 - l). 1.0 = off.
     cfg.SOLVER.LAYER_DECAY = 1.0
     # "poly" (lr = (base - min) * (1 - t/T)^POLY_POWER + min, the release's) or "cosine".
     cfg.SOLVER.LR_SCHEDULER = "poly"
@@ -155,9 +163,15 @@ def _solver(cfg: CN) -> None:
     # Linear warmup from WARMUP_FACTOR * lr over WARMUP_ITERS steps (0 = none).
     cfg.SOLVER.WARMUP_ITERS = 0
     cfg.SOLVER.WARMUP_FACTOR = 0.001
-    # Gradient clipping by global norm; 0 = off.
-    cfg.SOLVER.CLIP_GRADIENTS = 0.0
-    # Save a checkpoint every this many steps (and at the end); keep the newest MAX_CHECKPOINTS_TO_KEEP.
+    # Gradient clipping (detectron2's keys; DeepSpeed clips the L2 norm of all gradients together, so CLIP_TYPE must
+    # be "full_model" and NORM_TYPE 2.0).
+    cfg.SOLVER.CLIP_GRADIENTS = CN()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # Save a checkpoint (OUTPUT_DIR/checkpoints/iter_XXXXXXX) every this many steps and at the end; keep the newest
+    # MAX_CHECKPOINTS_TO_KEEP of them (0 = keep all).
     cfg.SOLVER.CHECKPOINT_PERIOD = 5000
     cfg.SOLVER.MAX_CHECKPOINTS_TO_KEEP = 2
     # Write losses/lr/timing to the console, metrics.json and TensorBoard every this many steps.
@@ -170,7 +184,7 @@ def _deepspeed(cfg: CN) -> None:
     cfg.DEEPSPEED.ZERO_STAGE = 0
     # "fp32", "bf16" or "fp16" (fp16 needs a GPU: DeepSpeed's CPU backend has none).
     cfg.DEEPSPEED.PRECISION = "fp32"
-    # Distributed backend when launched without one: "auto" = nccl on CUDA, gloo on CPU.
+    # torch.distributed backend: "nccl", "gloo", or "auto" = nccl when MODEL.DEVICE is cuda, gloo otherwise.
     cfg.DEEPSPEED.BACKEND = "auto"
 
 

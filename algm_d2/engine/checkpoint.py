@@ -1,114 +1,198 @@
-"""Training checkpoints: DeepSpeed's model/optimizer/scheduler files plus our trainer state, made current atomically.
+"""Training checkpoints: DeepSpeed's files + the trainer state of every rank + the full fp32 model, made current
+atomically.
 
-Layout: ``OUTPUT_DIR/checkpoints/iter_0000100/`` (DeepSpeed's files, ``trainer_state_rank{r}.pt`` per rank) and
-``OUTPUT_DIR/checkpoints/last_checkpoint`` (the tag). The pointer is replaced only after every rank has finished
-writing, with write-to-temp + fsync + rename, so a kill at any moment leaves it naming a complete checkpoint.
+Layout of ``OUTPUT_DIR/checkpoints``::
+
+    iter_0005000/                 DeepSpeed's model/optimizer/scheduler files (ZeRO partitions per rank)
+                 trainer_state_rank<r>.pt   iteration, data-loader position, RNG states of rank r
+                 model.pth        {"model": full float32 state dict}: usable as MODEL.WEIGHTS
+                 manifest.json    every file above with its size; written last
+    last_checkpoint               the tag of the newest complete checkpoint
+
+A checkpoint is complete when its manifest exists and every listed file has its listed size. The manifest and
+then the pointer are written (temporary file, fsync, rename) only after every rank has finished writing, so a run
+killed at any moment leaves ``last_checkpoint`` naming a complete checkpoint. Ranks must share the file system.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .defaults import get_rank
+from .rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 POINTER = "last_checkpoint"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.pth"
+TAG_PREFIX = "iter_"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint folder lacks its manifest or a file it lists."""
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file object)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def rng_state() -> Dict[str, Any]:
-    """Python, NumPy and torch (CPU + CUDA) RNG states in tensors/tuples only (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                    gauss), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def checkpoint_tag(iteration: int) -> str:
+    return f"{TAG_PREFIX}{iteration:07d}"
 
 
-def last_checkpoint(checkpoint_dir: Path) -> Optional[str]:
+def verify_checkpoint(directory: Path) -> Dict[str, int]:
+    """The manifest of a complete checkpoint folder; :class:`IncompleteCheckpointError` naming what is missing."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise IncompleteCheckpointError(f"{directory} is incomplete: it has no {MANIFEST} (the run stopped while "
+                                        "writing it)")
+    files = json.loads(manifest_path.read_text())["files"]
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != size:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            raise IncompleteCheckpointError(f"{path} is {found}, but {manifest_path} lists {size} bytes")
+    return files
+
+
+def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    """The complete checkpoint ``checkpoint_dir/last_checkpoint`` names, or None when there is no pointer."""
     pointer = checkpoint_dir / POINTER
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
-    if not (checkpoint_dir / tag).is_dir():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, but {checkpoint_dir / tag} does not exist")
-    return tag
+    directory = checkpoint_dir / pointer.read_text().strip()
+    verify_checkpoint(directory)
+    return directory
 
 
-def save_training_checkpoint(engine, checkpoint_dir: Path, iteration: int, keep: int) -> str:  # noqa: ANN001
-    """Collective: every rank writes its part; then rank 0 moves the pointer and prunes older checkpoints."""
-    tag = f"iter_{iteration:07d}"
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"iteration": iteration}, save_latest=False)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state_path = checkpoint_dir / tag / f"trainer_state_rank{rank}.pt"
-    tmp = state_path.with_name(state_path.name + ".tmp")
-    torch.save({"iteration": iteration, "rng": rng_state()}, tmp)
-    os.replace(tmp, state_path)
-    _barrier()
-    if rank == 0:
-        atomic_write_text(checkpoint_dir / POINTER, tag)
-        tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-        for old in tags[:-keep] if keep > 0 else []:
-            if old != tag:
-                shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
-        logger.info("saved checkpoint %s", checkpoint_dir / tag)
-    _barrier()
-    return tag
+def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:  # noqa: ANN001 - a DeepSpeedEngine
+    """The model's full state dict with the optimizer's float32 master weights (not the bf16/fp16 copies the
+    forward uses). Collective under ZeRO-3, where every rank holds a slice of each parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module: nn.Module = engine.module
+    # ZeRO 1-3 map each parameter to its master slice (safe_get_full_fp32_param); without ZeRO, DeepSpeed's
+    # bf16/fp16 wrapper keeps parallel lists of model and master parameters.
+    masters = {}
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            masters.update({id(p): q for p, q in zip(low, high)})
+    state = module.state_dict()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        full = safe_get_full_fp32_param(param)
+        state[name] = full if full is not None else masters.get(id(param), param)
+    return {name: (t.detach().float() if t.is_floating_point() else t.detach()).cpu() for name, t in state.items()}
 
 
-def load_training_checkpoint(engine, checkpoint_dir: Path) -> int:  # noqa: ANN001
-    """Restore the last complete checkpoint (weights, optimizer, scheduler, RNG); returns its iteration (0: none)."""
-    tag = last_checkpoint(checkpoint_dir)
-    if tag is None:
-        logger.info("no checkpoint in %s: starting from scratch", checkpoint_dir)
-        return 0
-    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {checkpoint_dir / tag}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state_path = checkpoint_dir / tag / f"trainer_state_rank{rank}.pt"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} is missing: resume with the same number of processes")
-    state = torch.load(state_path, weights_only=True)
-    set_rng_state(state["rng"])
-    logger.info("resumed from %s at iteration %d", checkpoint_dir / tag, client_state["iteration"])
-    return int(client_state["iteration"])
+def save_model_weights(engine, path: Path) -> None:  # noqa: ANN001 - a DeepSpeedEngine
+    """``{"model": consolidated_state_dict}`` to ``path`` (rank 0, atomically); collective."""
+    state = consolidated_state_dict(engine)
+    if get_rank() == 0:
+        atomic_write(path, lambda f: torch.save({"model": state}, f))
 
 
-def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:  # noqa: ANN001
-    """Full float32 weights of the model on rank 0 (collective under ZeRO-3, where parameters are partitioned)."""
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 - DeepSpeed's public-in-practice API
-    else:
-        state = engine.module.state_dict()
-    return {k: v.detach().float().cpu() for k, v in (state or {}).items()}
+class TrainingCheckpointer:
+    """Saves and restores the whole training state of ``engine`` in ``checkpoint_dir`` (see the module doc).
+
+    Args:
+        engine: the DeepSpeedEngine (model, optimizer, lr scheduler).
+        checkpoint_dir: OUTPUT_DIR/checkpoints.
+        max_to_keep: complete checkpoints kept (the newest); 0 keeps all.
+    """
+
+    def __init__(self, engine, checkpoint_dir: Path, *, max_to_keep: int) -> None:  # noqa: ANN001
+        if max_to_keep < 0:
+            raise ValueError(f"SOLVER.MAX_CHECKPOINTS_TO_KEEP must be >= 0, got {max_to_keep}")
+        self.engine = engine
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.max_to_keep = max_to_keep
+
+    def save(self, iteration: int, trainer_state: Dict[str, Any]) -> Path:
+        """Collective. Writes the checkpoint of ``iteration`` (``trainer_state`` + RNG states per rank), then makes
+        it the last one. Returns its folder."""
+        rank = get_rank()
+        tag = checkpoint_tag(iteration)
+        directory = self.checkpoint_dir / tag
+        if rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if directory.exists():  # left by a run that stopped while writing it
+                shutil.rmtree(directory)
+        _barrier()
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"iteration": iteration},
+                                    save_latest=False)
+        state = dict(trainer_state, iteration=iteration, rng=rng_state())
+        atomic_write(directory / f"trainer_state_rank{rank}.pt", lambda f: torch.save(state, f))
+        save_model_weights(self.engine, directory / MODEL_FILE)
+        _barrier()
+        if rank == 0:
+            files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+            atomic_write_text(directory / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
+            atomic_write_text(self.checkpoint_dir / POINTER, tag)
+            self._prune(iteration)
+            logger.info("saved checkpoint %s", directory)
+        _barrier()
+        return directory
+
+    def _prune(self, iteration: int) -> None:
+        """Drop complete checkpoints beyond the newest ``max_to_keep`` and incomplete ones older than ``iteration``
+        (a kill during a write leaves those)."""
+        complete, incomplete = [], []
+        for directory in sorted(self.checkpoint_dir.glob(TAG_PREFIX + "*")):
+            if directory.is_dir():
+                (complete if (directory / MANIFEST).is_file() else incomplete).append(directory)
+        stale = complete[:-self.max_to_keep] if self.max_to_keep else []
+        stale += [d for d in incomplete if int(d.name[len(TAG_PREFIX):]) < iteration]
+        for directory in stale:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        """Restore the last complete checkpoint into the engine (weights, optimizer, lr scheduler) and this rank's
+        RNG states; returns this rank's trainer state, or None when there is no checkpoint."""
+        directory = last_checkpoint(self.checkpoint_dir)
+        if directory is None:
+            return None
+        state_path = directory / f"trainer_state_rank{get_rank()}.pt"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"{state_path} does not exist: {directory} was written by fewer processes; resume "
+                                    "with the number of processes that wrote it")
+        state = torch.load(state_path, weights_only=True)
+        load_path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=directory.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s (iteration %d)", directory, state["iteration"])
+        return state

@@ -7,48 +7,66 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import CfgNode, get_cfg
 
 logger = logging.getLogger(__name__)
 
+EPILOG = """Examples:
+  one process:       train_net.py --config-file configs/demo/segmenter_tiny_algm.yaml
+  8 GPUs:            train_net.py --num-gpus 8 --config-file cfg.yaml
+  2 machines:        (machine 0) train_net.py --num-gpus 8 --num-machines 2 --machine-rank 0 \\
+                         --dist-url tcp://<machine 0 address>:29500 --config-file cfg.yaml
+                     (machine 1) the same with --machine-rank 1
+  evaluate:          train_net.py --eval-only --config-file cfg.yaml MODEL.WEIGHTS model_final.pth
+  torchrun, deepspeed launcher, srun: see docs/LAUNCH.md
+"""
 
-def default_argument_parser(description: str = "algm_d2 training and evaluation") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def default_argument_parser(epilog: str = EPILOG) -> argparse.ArgumentParser:
+    """detectron2's flags: --config-file, --resume, --eval-only, --num-gpus, --num-machines, --machine-rank,
+    --dist-url, then KEY VALUE config overrides."""
+    parser = argparse.ArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to a YAML config (with _BASE_)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR's last checkpoint (iteration, optimizer, scheduler, RNG, data)")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint)")
+                        help="continue from OUTPUT_DIR's last checkpoint (iteration, optimizer, scheduler, RNG, data "
+                             "order); without a checkpoint, start from MODEL.WEIGHTS")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate MODEL.WEIGHTS, or OUTPUT_DIR's last checkpoint when MODEL.WEIGHTS is empty")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes)")
-    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (0..num_machines-1)")
     parser.add_argument("--dist-url", default="auto",
-                        help="'auto' (free local port, one machine), 'env://', or tcp://HOST:PORT of machine 0")
+                        help="rendezvous of rank 0: 'auto' (a free local port, one machine), 'env://' "
+                             "(MASTER_ADDR/MASTER_PORT) or tcp://HOST:PORT of machine 0")
+    # The deepspeed launcher (and torch.distributed.launch) append --local_rank=N; the rank is read from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="KEY VALUE pairs overriding the config, e.g. SOLVER.BASE_LR 0.01")
     return parser
 
 
 def get_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (all devices) generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def setup_logging(output_dir: Optional[str], rank: int) -> None:
-    """Console (rank 0 at INFO, others at WARNING) and OUTPUT_DIR/log.txt (log.txt.rankN for other ranks)."""
+def setup_logging(output_dir: str, rank: int) -> None:
+    """Console (rank 0 at INFO, other ranks at WARNING) and OUTPUT_DIR/log.txt (log.txt.rank<r> for other ranks)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
@@ -58,22 +76,34 @@ def setup_logging(output_dir: Optional[str], rank: int) -> None:
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(formatter)
     root.addHandler(console)
-    if output_dir:
-        name = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
-        file_handler = logging.FileHandler(Path(output_dir) / name)
-        file_handler.setFormatter(formatter)
-        root.addHandler(file_handler)
+    file_handler = logging.FileHandler(Path(output_dir) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
 
 
-def setup(args: argparse.Namespace) -> CfgNode:
-    """Config from file + overrides, frozen; OUTPUT_DIR created with the merged config.yaml; logging; seed."""
+def load_config(args: argparse.Namespace) -> CfgNode:
+    """get_cfg() + --config-file + KEY VALUE overrides (not frozen, no side effects)."""
     cfg = get_cfg()
     if args.config_file:
         if not Path(args.config_file).is_file():
             raise FileNotFoundError(f"--config-file {args.config_file}: no such file")
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
-    if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
+    return cfg
+
+
+def distributed_backend(cfg: CfgNode) -> str:
+    """DEEPSPEED.BACKEND, with "auto" = nccl for a CUDA MODEL.DEVICE and gloo otherwise."""
+    if cfg.DEEPSPEED.BACKEND != "auto":
+        return cfg.DEEPSPEED.BACKEND
+    return "nccl" if str(cfg.MODEL.DEVICE).startswith("cuda") else "gloo"
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """The frozen config of this run; OUTPUT_DIR created with the merged config.yaml (rank 0), logging to the
+    console and OUTPUT_DIR/log.txt, generators seeded with SEED + rank (SEED < 0: a random seed)."""
+    cfg = load_config(args)
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("MODEL.DEVICE is 'cuda' but no GPU is visible; pass MODEL.DEVICE cpu")
     cfg.freeze()
     rank = get_rank()
@@ -81,8 +111,8 @@ def setup(args: argparse.Namespace) -> CfgNode:
     setup_logging(cfg.OUTPUT_DIR, rank)
     if rank == 0:
         (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
-        logger.info("command: %s", " ".join(sys.argv))
-        logger.info("full config saved to %s", Path(cfg.OUTPUT_DIR) / "config.yaml")
+        logger.info("command line: %s", " ".join(sys.argv))
+        logger.info("world size %d; full config saved to %s", get_world_size(), Path(cfg.OUTPUT_DIR) / "config.yaml")
     seed = cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31)
     seed_everything(seed + rank)
     return cfg

@@ -1,10 +1,10 @@
-"""The evaluation loop: mIoU family, images/s, GFLOPs (per crop and per image) and ALGM's kept-token ratios."""
+"""The evaluation loop: mIoU family, images/s, GFLOPs (per image and per crop) and ALGM's kept-token ratios."""
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -15,13 +15,18 @@ from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator,
 from .defaults import get_rank
 
 logger = logging.getLogger(__name__)
+RESULTS_FILE = "results.json"
 
 
-def inference_on_dataset(model: nn.Module, loader, evaluator: SemSegEvaluator, *,  # noqa: ANN001 - a DataLoader
-                         merge_stats: MergeStatsAccumulator, timer: InferenceTimer) -> Dict[str, Any]:
-    """Run ``model`` over ``loader`` (this rank's share) and reduce the metrics over all ranks."""
+def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, evaluator: SemSegEvaluator, *,
+                         timer: InferenceTimer, merge_stats: Optional[MergeStatsAccumulator] = None
+                         ) -> Dict[str, Any]:
+    """Run ``model`` in eval mode over this rank's share of a test set; metrics are reduced over all ranks.
+
+    Returns the evaluator's results plus "speed" (this rank's images/s) and, given ``merge_stats``, "tokens"."""
     evaluator.reset()
-    merge_stats.reset()
+    if merge_stats is not None:
+        merge_stats.reset()
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -29,77 +34,89 @@ def inference_on_dataset(model: nn.Module, loader, evaluator: SemSegEvaluator, *
             with timer.time_batch(len(batch)):
                 outputs = model(batch)
             evaluator.process(batch, outputs)
-            merge_stats.update(model.merge_stats)
+            if merge_stats is not None:
+                merge_stats.update(model.merge_stats)
     model.train(was_training)
     results = evaluator.evaluate()
     results["speed"] = timer.summary()
-    results["tokens"] = merge_stats.summary()
+    if merge_stats is not None:
+        results["tokens"] = merge_stats.summary()
     return results
 
 
-def count_dataset_gflops(model: nn.Module, loader, num_images: int) -> Dict[str, float]:  # noqa: ANN001
-    """Mean GFLOPs per image (all crops of the test-time inference) and per crop over the first images."""
-    per_image, per_crop = [], []
+def count_dataset_gflops(model: nn.Module, loader: torch.utils.data.DataLoader, *, num_images: int,
+                         backend: str) -> Dict[str, Any]:
+    """Mean GFLOPs (fvcore multiply-adds) per image and per network forward ("crop": sliding-window inference runs
+    several per image) over the first ``num_images`` images of ``loader``; ALGM's count depends on the image."""
+    per_image: List[float] = []
+    crops = 0
     was_training = model.training
     model.eval()
-    for index, batch in enumerate(loader):
-        if index >= num_images:
-            break
+    for batch in loader:
         for item in batch:
-            gflops = count_gflops(model, [item])["gflops"]
-            counts = model.merge_stats["tokens_per_layer"]
-            per_image.append(gflops)
-            per_crop.append(gflops / max(1, len(counts[0]) if counts else 1))
+            per_image.append(count_gflops(model, [item], backend=backend)["gflops"])
+            counts = model.merge_stats.get("tokens_per_layer") if hasattr(model, "merge_stats") else None
+            crops += len(counts[0]) if counts else 1
+            if len(per_image) == num_images:
+                break
+        if len(per_image) == num_images:
+            break
     model.train(was_training)
     if not per_image:
         return {}
-    return {"gflops_per_image": sum(per_image) / len(per_image), "gflops_per_crop": sum(per_crop) / len(per_crop),
-            "images": len(per_image)}
+    return {"gflops_per_image": sum(per_image) / len(per_image), "gflops_per_crop": sum(per_image) / crops,
+            "images": len(per_image), "crops": crops, "backend": backend}
 
 
-def evaluate(cfg, model: nn.Module, gathered_parameters=None) -> Dict[str, Dict[str, Any]]:  # noqa: ANN001
-    """Evaluate on every DATASETS.TEST; results printed, and saved to OUTPUT_DIR/inference/results.json (rank 0).
+def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
+             gathered_parameters: Optional[Callable[[], ContextManager[None]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Evaluate ``model`` on every DATASETS.TEST (collective: every rank takes its share). Rank 0 logs a results
+    table and writes OUTPUT_DIR/inference/results.json.
 
-    ``gathered_parameters``: a context manager that makes all parameters whole on every rank (ZeRO-3).
+    ``gathered_parameters``: a context manager that makes every parameter whole on every rank (ZeRO-3).
     """
     all_results: Dict[str, Dict[str, Any]] = {}
     device = next(model.parameters()).device
     for name in cfg.DATASETS.TEST:
-        metadata = get_metadata(name)
-        output_dir = str(Path(cfg.OUTPUT_DIR) / "inference" / name)
-        evaluator = SemSegEvaluator.from_config(cfg, class_names=metadata.stuff_classes, output_dir=output_dir)
-        loader = build_test_loader(cfg, name)
+        evaluator = SemSegEvaluator.from_config(cfg, class_names=get_metadata(name).stuff_classes,
+                                                output_dir=str(Path(cfg.OUTPUT_DIR) / "inference" / name))
         timer = InferenceTimer(warmup_batches=cfg.TEST.TIMER_WARMUP_BATCHES, device=device)
-        with gathered_parameters() if gathered_parameters else nullcontext():
-            results = inference_on_dataset(model, loader, evaluator, merge_stats=MergeStatsAccumulator.from_config(cfg),
-                                           timer=timer)
+        merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
+        with gathered_parameters() if gathered_parameters is not None else nullcontext():
+            results = inference_on_dataset(model, build_test_loader(cfg, name), evaluator, timer=timer,
+                                           merge_stats=merge_stats)
             if cfg.TEST.COMPUTE_FLOPS and get_rank() == 0:
-                results["flops"] = count_dataset_gflops(model, build_test_loader(cfg, name, rank=0, world_size=1),
-                                                        cfg.TEST.FLOPS_NUM_IMAGES)
+                results["flops"] = count_dataset_gflops(
+                    model, build_test_loader(cfg, name, rank=0, world_size=1, num_workers=0),
+                    num_images=cfg.TEST.FLOPS_NUM_IMAGES, backend=cfg.TEST.FLOPS_BACKEND)
         all_results[name] = results
-        if get_rank() == 0:
-            logger.info("%s", summary_lines(name, results))
-    if get_rank() == 0:
-        save_json(str(Path(cfg.OUTPUT_DIR) / "inference" / "results.json"), all_results)
+    if get_rank() == 0 and all_results:
+        logger.info("evaluation results (all in %s):\n%s", Path(cfg.OUTPUT_DIR) / "inference" / RESULTS_FILE,
+                    results_table(all_results))
+        save_json(str(Path(cfg.OUTPUT_DIR) / "inference" / RESULTS_FILE), all_results)
     return all_results
 
 
-def summary_lines(name: str, results: Dict[str, Any]) -> str:
-    """The headline numbers of one dataset: mIoU, images/s, GFLOPs and kept-token ratios after the ALGM layers."""
-    metrics = results["sem_seg"]
-    lines = [f"Evaluation on {name}:",
-             "  mIoU {:.2f}  fwIoU {:.2f}  mACC {:.2f}  pACC {:.2f}".format(
-                 metrics["mIoU"], metrics["fwIoU"], metrics["mACC"], metrics["pACC"]),
-             "  images/s {:.2f} ({} images timed on rank 0)".format(
-                 results["speed"].get("images_per_second") or 0.0, results["speed"].get("images", 0))]
-    flops = results.get("flops")
-    if flops:
-        lines.append("  GFLOPs {:.3f} per image, {:.3f} per crop (fvcore multiply-adds, attention included)".format(
-            flops["gflops_per_image"], flops["gflops_per_crop"]))
-    layers = results["tokens"].get("algm_layers") or {}
-    for label, entry in layers.items():
-        lines.append("  tokens kept after {}: {:.1%}".format(label, entry["kept_ratio"]))
-    final = results["tokens"].get("final")
-    if final:
-        lines.append("  tokens kept after the last block: {:.1%}".format(final["kept_ratio"]))
+def results_table(all_results: Dict[str, Dict[str, Any]]) -> str:
+    """One markdown row per dataset: mIoU, fwIoU, mACC, pACC, images/s, GFLOPs and the share of patch tokens kept
+    after each ALGM layer."""
+    token_layers = sorted({entry["layer"] for results in all_results.values()
+                           for entry in results.get("tokens", {}).get("algm_layers", {}).values()})
+    header = ["dataset", "mIoU", "fwIoU", "mACC", "pACC", "images/s", "GFLOPs/image", "GFLOPs/crop",
+              *[f"tokens kept after layer {layer}" for layer in token_layers]]
+    rows = []
+    for name, results in all_results.items():
+        metrics, flops = results["sem_seg"], results.get("flops") or {}
+        kept = {entry["layer"]: entry["kept_ratio"]
+                for entry in results.get("tokens", {}).get("algm_layers", {}).values()}
+        rows.append([name, *(f"{metrics[key]:.2f}" for key in ("mIoU", "fwIoU", "mACC", "pACC")),
+                     _number(results["speed"].get("images_per_second"), "{:.2f}"),
+                     _number(flops.get("gflops_per_image"), "{:.3f}"), _number(flops.get("gflops_per_crop"), "{:.3f}"),
+                     *(_number(kept.get(layer), "{:.1%}") for layer in token_layers)])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _number(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)

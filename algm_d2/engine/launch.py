@@ -1,9 +1,13 @@
 """Start the processes of a run and join them into one torch.distributed group (detectron2's ``launch``).
 
-Works the same whether this program started the processes (``--num-gpus N`` spawns N local ones, ranks
-``machine_rank · N + local_rank`` of ``num_machines · N``) or a launcher did: ``torchrun`` and the ``deepspeed``
-launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (env:// rendezvous); SLURM's ``srun`` sets
-SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODELIST, from which the same variables are derived.
+The same ``train_net.py`` runs however its processes were started:
+
+- by itself: ``--num-gpus N`` spawns N local processes; with ``--num-machines M --machine-rank R --dist-url
+  tcp://HOST:PORT`` on every machine, process ``l`` of machine ``R`` is rank ``R * N + l`` of ``M * N``;
+- by ``torchrun`` or the ``deepspeed`` launcher (env:// rendezvous): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+  MASTER_PORT are set for every process;
+- by SLURM's ``srun`` (one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and SLURM_NODELIST give the
+  same, MASTER_ADDR being the first host of the node list.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import os
 import re
 import socket
 import subprocess
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -20,47 +24,63 @@ import torch.multiprocessing as mp
 
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
+BACKENDS = ("nccl", "gloo")
 
 
 def find_free_port() -> int:
+    """A TCP port that is free on this host now (``--dist-url auto``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (``node[01-04,07],gpu2`` → ``node01``), via scontrol when available."""
+    """The first host of a SLURM node list (``node[01-04,07],gpu2`` → ``node01``): ``scontrol show hostnames`` when
+    SLURM's tools are installed, else the list is parsed (host names, one bracketed range or list per name)."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
+                             timeout=30)
+        hosts = out.stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.SubprocessError):
         pass
-    first = re.split(r",(?![^\[]*\])", nodelist)[0]
-    match = re.match(r"([^\[]+)\[([^\]]+)\]", first)
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
     if not match:
         return first
-    start = match.group(2).split(",")[0].split("-")[0]
-    return match.group(1) + start
+    prefix, ranges, suffix = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
-def launcher_env(environ: Dict[str, str], dist_url: Optional[str]) -> Optional[Dict[str, str]]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from a launcher's environment (torchrun, deepspeed, srun), or None."""
+def launcher_env(environ: Mapping[str, str], *, dist_url: Optional[str] = None, spawn_requested: bool = False
+                 ) -> Optional[Dict[str, str]]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set up by a launcher, or None when this program starts its
+    own processes.
+
+    torchrun and the deepspeed launcher set RANK and WORLD_SIZE. Under srun, SLURM_PROCID/SLURM_NTASKS are used when
+    there is more than one task and the command line did not ask for its own layout (``spawn_requested``: an sbatch
+    script that runs ``train_net.py --num-gpus 8`` once per node sees SLURM_NTASKS too). MASTER_PORT comes from the
+    environment, else from a ``tcp://`` ``dist_url``, else 29500.
+    """
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        env = {k: environ[k] for k in ("RANK", "WORLD_SIZE")}
-        env["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
-        env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
-        env["MASTER_PORT"] = environ.get("MASTER_PORT", str(DEFAULT_PORT))
-        return env
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
-        port = urlparse(dist_url).port if dist_url and dist_url.startswith("tcp://") else None
+        return {"RANK": environ["RANK"], "WORLD_SIZE": environ["WORLD_SIZE"],
+                "LOCAL_RANK": environ.get("LOCAL_RANK", "0"),
+                "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": environ.get("MASTER_PORT", str(DEFAULT_PORT))}
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1 and not spawn_requested:
+        url_port = urlparse(dist_url).port if dist_url and dist_url.startswith("tcp://") else None
         return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
                 "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-                "MASTER_ADDR": environ.get("MASTER_ADDR") or first_slurm_host(environ.get("SLURM_NODELIST", "127.0.0.1")),
-                "MASTER_PORT": environ.get("MASTER_PORT") or str(port or DEFAULT_PORT)}
+                "MASTER_ADDR": environ.get("MASTER_ADDR") or first_slurm_host(
+                    environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1")),
+                "MASTER_PORT": environ.get("MASTER_PORT") or str(url_port or DEFAULT_PORT)}
     return None
 
 
-def _master_from_url(dist_url: Optional[str], num_machines: int) -> Tuple[str, int]:
+def master_from_url(dist_url: Optional[str], num_machines: int) -> Tuple[str, int]:
+    """(address, port) of rank 0 from ``--dist-url``: ``auto`` (a free local port; one machine only), ``env://``
+    (MASTER_ADDR/MASTER_PORT) or ``tcp://HOST:PORT``."""
     if dist_url in (None, "", "auto"):
         if num_machines > 1:
             raise ValueError("--dist-url auto only works on one machine; pass tcp://<machine 0 address>:<port>")
@@ -73,43 +93,52 @@ def _master_from_url(dist_url: Optional[str], num_machines: int) -> Tuple[str, i
     return parsed.hostname, parsed.port
 
 
-def init_distributed(env: Dict[str, str], backend: str = "auto") -> None:
-    """Export ``env`` and join the group through DeepSpeed (env:// rendezvous); nccl on CUDA, gloo on CPU."""
+def init_distributed(env: Mapping[str, str], backend: str) -> None:
+    """Export ``env`` and join the process group through DeepSpeed's env:// rendezvous."""
     import deepspeed
 
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed backend must be one of {BACKENDS}, got {backend!r} (DEEPSPEED.BACKEND)")
     os.environ.update(env)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    logger.info("rank %s of %s joined (%s, master %s:%s)", env["RANK"], env["WORLD_SIZE"], backend,
+    logger.info("rank %s of %s joined (%s, rank 0 at %s:%s)", env["RANK"], env["WORLD_SIZE"], backend,
                 env["MASTER_ADDR"], env["MASTER_PORT"])
 
 
-def _worker(local_rank: int, main_func: Callable[..., Any], env: Dict[str, str], num_gpus: int, machine_rank: int,
-            backend: str, args: Sequence[Any]) -> None:
-    env = dict(env, RANK=str(machine_rank * num_gpus + local_rank), LOCAL_RANK=str(local_rank),
-               LOCAL_WORLD_SIZE=str(num_gpus))
-    init_distributed(env, backend)
+def _run_process(local_rank: int, main_func: Callable[..., Any], env: Dict[str, str], num_gpus_per_machine: int,
+                 machine_rank: int, backend: str, args: Sequence[Any]) -> None:
+    rank = machine_rank * num_gpus_per_machine + local_rank
+    init_distributed(dict(env, RANK=str(rank), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=str(num_gpus_per_machine)), backend)
     main_func(*args)
 
 
 def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: Optional[str] = None, args: Sequence[Any] = (), backend: str = "auto") -> None:
-    """Run ``main_func(*args)`` on every process of the run, each already in the process group."""
-    env = launcher_env(dict(os.environ), dist_url)
+           dist_url: Optional[str] = None, args: Sequence[Any] = (), *, backend: str = "gloo") -> None:
+    """Run ``main_func(*args)`` in every process of the run, each already in the process group.
+
+    Under torchrun / the deepspeed launcher / srun (see :func:`launcher_env`) this process is one rank and the
+    layout arguments are not used. Otherwise ``num_gpus_per_machine`` processes are spawned on this machine (none
+    when it is 1: the current process is the rank).
+    """
+    spawn_requested = num_gpus_per_machine != 1 or num_machines != 1
+    env = launcher_env(os.environ, dist_url=dist_url, spawn_requested=spawn_requested)
     if env is not None:
+        if spawn_requested:
+            logger.warning("a launcher set the ranks (RANK/WORLD_SIZE or SLURM_*): --num-gpus %d --num-machines %d "
+                           "are not used", num_gpus_per_machine, num_machines)
         init_distributed(env, backend)
         main_func(*args)
         return
     if num_gpus_per_machine < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
         raise ValueError(f"bad process layout: --num-gpus {num_gpus_per_machine}, --num-machines {num_machines}, "
-                         f"--machine-rank {machine_rank}")
-    addr, port = _master_from_url(dist_url, num_machines)
-    env = {"WORLD_SIZE": str(num_machines * num_gpus_per_machine), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+                         f"--machine-rank {machine_rank} (machine ranks are 0..num_machines-1)")
+    address, port = master_from_url(dist_url, num_machines)
+    env = {"WORLD_SIZE": str(num_machines * num_gpus_per_machine), "MASTER_ADDR": address, "MASTER_PORT": str(port)}
     if num_gpus_per_machine == 1:
-        _worker(0, main_func, env, 1, machine_rank, backend, args)
+        _run_process(0, main_func, env, 1, machine_rank, backend, args)
         return
-    mp.start_processes(_worker, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
+    mp.start_processes(_run_process, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
                        args=(main_func, env, num_gpus_per_machine, machine_rank, backend, tuple(args)))

@@ -1,20 +1,24 @@
-"""Parameter groups (weight decay rules, ViTDet-style layer-wise lr decay as pure functions) and optimizers."""
+"""Parameter groups (weight-decay rules and ViTDet-style layer-wise lr decay, as pure functions) and the optimizer."""
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-# Embedding parameters of the encoder (layer 0 for layer decay) and parameters that get no weight decay.
-_EMBEDDING = re.compile(r"(^|\.)encoder\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)")
+# Encoder embeddings (layer 0 for layer decay) and encoder blocks (layer i + 1); parameter names as in
+# SemanticSegmentor: net.encoder.{patch_embed, cls_token, pos_embed, blocks.<i>.*}.
+_EMBEDDING = re.compile(r"(^|\.)encoder\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
 _BLOCK = re.compile(r"(^|\.)encoder\.blocks\.(\d+)\.")
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "cls_emb")
+# Tokens and embeddings that are never decayed, whatever their shape.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "cls_emb")
+OPTIMIZERS = ("SGD", "AdamW")
 
 
 def get_vit_layer_id(name: str, num_layers: int) -> int:
-    """Layer of a parameter for layer decay: embeddings 0, encoder block i → i + 1, everything after → num_layers + 1."""
+    """Layer of a parameter for layer decay: encoder embeddings 0, encoder block i → i + 1, everything else (final
+    norm, decoder) → num_layers + 1."""
     if _EMBEDDING.search(name):
         return 0
     match = _BLOCK.search(name)
@@ -24,37 +28,48 @@ def get_vit_layer_id(name: str, num_layers: int) -> int:
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm weights (1-D) and position/class embeddings are not decayed."""
-    return param.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES
+    """Biases and norm weights (1-D), position embeddings and class tokens/embeddings."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
 
 
-def build_param_groups(model: nn.Module, *, base_lr: float, weight_decay: float, layer_decay: float = 1.0,
-                       num_layers: int = 0) -> List[Dict[str, Any]]:
-    """One group per (layer, decay) pair with ``lr = base_lr · layer_decay^(num_layers + 1 - layer)``."""
-    groups: Dict[Any, Dict[str, Any]] = {}
+def layer_decay_param_groups(model: nn.Module, *, base_lr: float, weight_decay: float, layer_decay: float = 1.0,
+                             num_layers: int = 0) -> List[Dict[str, Any]]:
+    """Parameter groups for a torch optimizer: one per (layer, decayed or not), with ``lr = base_lr *
+    layer_decay^(num_layers + 1 - layer)`` and weight decay 0 where :func:`no_weight_decay` says so. Each group also
+    carries "names", "layer_id" and "lr_scale" (torch optimizers keep extra keys). Frozen parameters are left out."""
+    if layer_decay != 1.0 and num_layers <= 0:
+        raise ValueError(f"SOLVER.LAYER_DECAY {layer_decay} needs the encoder's depth; got num_layers {num_layers}")
+    groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = get_vit_layer_id(name, num_layers) if layer_decay != 1.0 else 0
-        decay = 0.0 if no_weight_decay(name, param) else weight_decay
-        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else 1.0
-        group = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": decay,
-                                                   "lr": base_lr * scale, "layer_id": layer, "lr_scale": scale})
+        layer = get_vit_layer_id(name, num_layers) if layer_decay != 1.0 else num_layers + 1
+        decayed = weight_decay > 0 and not no_weight_decay(name, param)
+        scale = layer_decay ** (num_layers + 1 - layer)
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "names": [], "lr": base_lr * scale, "weight_decay": weight_decay if decayed else 0.0,
+            "layer_id": layer, "lr_scale": scale})
         group["params"].append(param)
         group["names"].append(name)
-    return list(groups.values())
+    return sorted(groups.values(), key=lambda group: (group["layer_id"], group["weight_decay"]))
+
+
+def encoder_depth(model: nn.Module) -> int:
+    """Number of ViT blocks at ``model.net.encoder.blocks`` (0 when the model has none)."""
+    blocks = getattr(getattr(getattr(model, "net", None), "encoder", None), "blocks", None)
+    return len(blocks) if blocks is not None else 0
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:  # noqa: ANN001 - a CfgNode
-    """SOLVER.OPTIMIZER over :func:`build_param_groups` (names are dropped: torch optimizers keep extra keys)."""
+    """SOLVER.OPTIMIZER over :func:`layer_decay_param_groups` (a torch optimizer: DeepSpeed would JIT-compile its
+    own for a config-named one)."""
     solver = cfg.SOLVER
-    depth = len(model.net.encoder.blocks) if hasattr(model, "net") and hasattr(model.net, "encoder") else 0
-    groups = build_param_groups(model, base_lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY,
-                                layer_decay=solver.LAYER_DECAY, num_layers=depth)
-    for group in groups:
-        group.pop("names")
+    if solver.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {solver.OPTIMIZER!r}")
+    groups = layer_decay_param_groups(model, base_lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY,
+                                      layer_decay=solver.LAYER_DECAY, num_layers=encoder_depth(model))
     if solver.OPTIMIZER == "SGD":
-        return torch.optim.SGD(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM)
-    if solver.OPTIMIZER == "AdamW":
-        return torch.optim.AdamW(groups, lr=solver.BASE_LR, betas=tuple(solver.BETAS))
-    raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {solver.OPTIMIZER!r}")
+        if solver.NESTEROV and solver.MOMENTUM <= 0:
+            raise ValueError(f"SOLVER.NESTEROV needs SOLVER.MOMENTUM > 0, got {solver.MOMENTUM}")
+        return torch.optim.SGD(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV)
+    return torch.optim.AdamW(groups, lr=solver.BASE_LR, betas=tuple(solver.BETAS), eps=solver.EPS)

@@ -135,7 +135,7 @@ class Trainer:
             if step % solver.CHECKPOINT_PERIOD == 0 or step == max_iter:
                 save_training_checkpoint(self.engine, self.checkpoint_dir, step, solver.MAX_CHECKPOINTS_TO_KEEP)
             if cfg.DATASETS.TEST and (step == max_iter or (cfg.TEST.EVAL_PERIOD and step % cfg.TEST.EVAL_PERIOD == 0)):
-                results = evaluate(cfg, self.model, self.gathered_parameters)
+                results = evaluate(self._eval_cfg(), self.model, self.gathered_parameters)
                 self._log_eval(step, results)
             if stop_at is not None and step >= stop_at and step < max_iter:
                 save_training_checkpoint(self.engine, self.checkpoint_dir, step, solver.MAX_CHECKPOINTS_TO_KEEP)
@@ -145,12 +145,25 @@ class Trainer:
         self.export_final_weights()
         return results
 
+    def _eval_cfg(self):  # noqa: ANN202 - a CfgNode
+        """ZeRO-3's partitioning hooks hide weights from the FLOP counter's trace: skip GFLOPs there rather than
+        report a wrong number (count them with --eval-only on the exported model_final.pth)."""
+        if self.engine.zero_optimization_stage() != 3 or not self.cfg.TEST.COMPUTE_FLOPS:
+            return self.cfg
+        logger.warning("TEST.COMPUTE_FLOPS is skipped during ZeRO-3 training (partitioned weights); run --eval-only "
+                       "on model_final.pth for GFLOPs")
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.TEST.COMPUTE_FLOPS = False
+        cfg.freeze()
+        return cfg
+
     def _check_finite(self, iteration: int, losses: Dict[str, torch.Tensor]) -> None:
         """Stop before a non-finite loss reaches the weights; the last checkpoint stays the last good one."""
         bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
-        flag = torch.tensor([1.0 if bad else 0.0])
-        if dist.is_initialized() and dist.get_backend() == "gloo":
-            dist.all_reduce(flag)
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.engine.device)  # NCCL reduces device tensors only
+        if dist.is_initialized():
+            dist.all_reduce(flag)  # every rank stops together
         if bad or flag.item() > 0:
             tag = last_checkpoint(self.checkpoint_dir)
             where = f"the last good checkpoint is {self.checkpoint_dir / tag}" if tag else "no checkpoint was saved"
@@ -159,10 +172,11 @@ class Trainer:
 
     def _log(self, step: int, losses: Dict[str, float], step_time: float, data_time: float, start: float) -> None:
         names = sorted(losses)
-        values = torch.tensor([losses[n] for n in names], dtype=torch.float64)
+        values = torch.tensor([losses[n] for n in names], dtype=torch.float64, device=self.engine.device)
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world_size
+        values = values.cpu()
         if self.rank != 0:
             return
         done = step - self.start_iter

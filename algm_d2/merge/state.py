@@ -56,9 +56,9 @@ class MergeState:
         n = h * w
         index_map = torch.arange(num_prefix, num_prefix + n, device=device).expand(batch, n)
         sizes = torch.ones(batch, num_prefix + n, device=device, dtype=dtype)
-        rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
-        cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
-        grid = torch.stack([rows, cols], dim=-1)
+        rows = torch.arange(h, device=device, dtype=dtype)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device, dtype=dtype)[None, :].expand(h, w)
+        grid = torch.stack([rows, cols], dim=-1).reshape(n, 2)
         positions = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid]).expand(batch, -1, -1)
         num_tokens = torch.full((batch,), num_prefix + n, device=device, dtype=torch.long)
         return cls(tuple(grid_size), num_prefix, index_map, sizes, positions, num_tokens)
