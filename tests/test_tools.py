@@ -1,0 +1,40 @@
+"""The command-line tools run end to end on tiny CPU models."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tool_on_cpu(tmp_path):
+    load_tool("benchmark").main(["--variant", "tiny", "--image-size", "64", "--batch-size", "2", "--num-images", "3",
+                                 "--precision", "fp32", "--warmup", "1", "--iters", "2", "--flops-images", "1",
+                                 "--device", "cpu", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(report["results"]) == {"baseline", "algm", "algm_per_image", "paper_level", "level0"}
+    base, level = report["results"]["baseline"], report["results"]["paper_level"]
+    assert base["protocols"]["mixed"]["images_per_second"] > 0
+    # 64² → 4x4 grid: the paper's fractions merge 1 of 4 windows (17 → 14 tokens) at layer 1
+    assert level["protocols"]["repeat"]["tokens"]["mean_tokens_per_layer"][0] == 14
+    assert level["gflops_per_image"] < base["gflops_per_image"]
+    assert report["ratios"]["baseline"]["repeat"] == 1.0
+    assert "| paper_level | repeat |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_calibration_tool_writes_per_layer_thresholds(tmp_path):
+    out = tmp_path / "tau.json"
+    load_tool("calibrate_thresholds").main([
+        "--config-file", str(ROOT / "configs/demo/segmenter_tiny_algm.yaml"), "--num-images", "4", "--batch-size",
+        "2", "--output", str(out), "DATALOADER.NUM_WORKERS", "0", "MODEL.BACKBONE.EMBED_DIM", "64",
+        "MODEL.BACKBONE.NUM_HEADS", "2"])
+    layers = json.loads(out.read_text())["layers"]
+    assert set(layers) == {"1", "3"} and all(v["images"] == 4 for v in layers.values())

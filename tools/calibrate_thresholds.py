@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Calibrate ALGM's thresholds on training crops (paper Sec. 3.3): τ = μ + σ of all-pair token cosine similarities
+after the attention of each ALGM layer, measured on the base model (merging off).
+
+  python tools/calibrate_thresholds.py --config-file configs/ade20k/segmenter/segmenter_vit_small_mask_512x512_160k_algm.yaml \
+      --num-images 2000 --output tau.json MODEL.WEIGHTS seg_small_mask/checkpoint.pth
+  # then train/evaluate with: MODEL.ALGM.CALIBRATION_FILE tau.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algm_d2.checkpoint import load_model_weights  # noqa: E402
+from algm_d2.config import get_cfg  # noqa: E402
+from algm_d2.data import build_train_loader  # noqa: E402
+from algm_d2.evaluation import save_json  # noqa: E402
+from algm_d2.modeling import build_model  # noqa: E402
+from algm_d2.modeling.calibration import calibrate_thresholds  # noqa: E402
+
+
+def main(argv=None) -> None:  # noqa: ANN001
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--num-images", type=int, default=1000, help="training crops to measure")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", default="calibration.json")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        load_model_weights(model, cfg.MODEL.WEIGHTS)
+    layers = [layer for layer in (cfg.MODEL.ALGM.LOCAL_LAYER, cfg.MODEL.ALGM.GLOBAL_LAYER) if layer is not None]
+    loader = build_train_loader(cfg, total_batch_size=args.batch_size, rank=0, world_size=1)
+    normalize = model._normalize  # noqa: SLF001 - the model's own pixel normalization
+
+    def batches():
+        for batch in loader:
+            yield torch.stack([normalize(item["image"]) for item in batch])
+
+    result = calibrate_thresholds(model.net.encoder, batches(), layers, max_images=args.num_images)
+    result["config_file"] = args.config_file
+    save_json(args.output, result)
+    print(json.dumps(result, indent=1))  # the CLI's result
+
+
+if __name__ == "__main__":
+    main()
