@@ -23,6 +23,7 @@ import os
 from typing import List, Optional, Tuple
 
 from algm_d2.data.catalog import dataset_root
+from algm_d2.data.folders import read_lines
 from algm_d2.data.prepare import ConvertLabel, pascal_context_59_remap, read_pascal_context_mat, run_jobs
 
 logger = logging.getLogger("prepare_pcontext")
@@ -31,14 +32,7 @@ VOC2010 = os.path.join("VOCdevkit", "VOC2010")
 
 
 def split_ids(voc_dir: str, split: str) -> List[str]:
-    path = os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VOC2010 split list not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        ids = [line.strip() for line in f if line.strip()]
-    if not ids:
-        raise ValueError(f"empty split list: {path}")
-    return ids
+    return read_lines(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC2010 split list")
 
 
 def split_jobs(voc_dir: str, context_dir: str, split: str) -> List[Tuple[str, str]]:

@@ -80,15 +80,20 @@ class SemSegFolders:
         return [{"file_name": images[key], "sem_seg_file_name": masks[key], "image_id": key} for key in images]
 
 
+def read_lines(path: str, what: str) -> List[str]:
+    """The non-blank lines of a text file, stripped; errors name ``what`` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{what} has no entries (no class names, ids, ...): {path}")
+    return lines
+
+
 def read_class_names(classes_file: str) -> List[str]:
     """One class name per line (blank lines and surrounding spaces ignored)."""
-    if not os.path.isfile(classes_file):
-        raise FileNotFoundError(f"class list file not found: {classes_file}")
-    with open(classes_file, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise ValueError(f"class list file has no class names: {classes_file}")
-    return names
+    return read_lines(classes_file, "class list file")
 
 
 def register_custom_sem_seg(name: str, image_dir: str, mask_dir: str, classes_file: str, ignore_label: int = 255,
