@@ -2,27 +2,23 @@
 """Train or evaluate an ALGM segmentation model, detectron2-style.
 
   python train_net.py --config-file configs/demo/segmenter_tiny_algm.yaml
-  python train_net.py --config-file configs/ade20k/segmenter/segmenter_vit_small_mask_512x512_160k_algm.yaml \
-      --num-gpus 8 MODEL.WEIGHTS seg_small_mask/checkpoint.pth
-  python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
-Also runs under torchrun, the deepspeed launcher and srun (see docs/LAUNCH.md).
+  python train_net.py --num-gpus 8 \
+      --config-file configs/ade20k/segmenter/segmenter_vit_small_mask_512x512_160k_algm.yaml
+  python train_net.py --eval-only --config-file X.yaml MODEL.WEIGHTS output/model_final.pth
+It also runs under torchrun, the deepspeed launcher and srun (docs/LAUNCH.md).
 """
-import logging
-from pathlib import Path
-
 from algm_d2.checkpoint import load_model_weights
-from algm_d2.engine import Trainer, default_argument_parser, evaluate, launch, setup
+from algm_d2.engine import (
+    Trainer, default_argument_parser, distributed_backend, eval_weights, evaluate, launch, load_config, setup,
+)
 from algm_d2.modeling import build_model
-
-logger = logging.getLogger("train_net")
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = build_model(cfg)
-        weights = cfg.MODEL.WEIGHTS or str(Path(cfg.OUTPUT_DIR) / "model_final.pth")
-        load_model_weights(model, weights)
+        load_model_weights(model, eval_weights(cfg))
         return evaluate(cfg, model)
     return Trainer(cfg, resume=args.resume).train()
 
@@ -30,4 +26,4 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(args,), backend=distributed_backend(load_config(args)))

@@ -1,13 +1,20 @@
 """Training and evaluation engine: launch, DeepSpeed trainer, checkpoints, evaluation loop."""
-from .defaults import default_argument_parser, get_rank, get_world_size, setup
-from .evaluation import evaluate, inference_on_dataset
+from .checkpoint import (
+    IncompleteCheckpointError, TrainingCheckpointer, consolidated_state_dict, last_checkpoint, verify_checkpoint,
+)
+from .defaults import (
+    default_argument_parser, distributed_backend, get_rank, get_world_size, load_config, setup,
+)
+from .evaluation import evaluate, inference_on_dataset, results_table
 from .launch import launch
-from .lr_schedule import StepLRScheduler, lr_factor
-from .optim import build_optimizer, build_param_groups, get_vit_layer_id
-from .trainer import Trainer, deepspeed_config
+from .lr_schedule import WarmupLRScheduler, lr_factor
+from .optim import build_optimizer, get_vit_layer_id, layer_decay_param_groups
+from .trainer import Trainer, deepspeed_config, eval_weights
 
 __all__ = [
-    "default_argument_parser", "get_rank", "get_world_size", "setup", "evaluate", "inference_on_dataset", "launch",
-    "StepLRScheduler", "lr_factor", "build_optimizer", "build_param_groups", "get_vit_layer_id", "Trainer",
-    "deepspeed_config",
+    "IncompleteCheckpointError", "TrainingCheckpointer", "consolidated_state_dict", "last_checkpoint",
+    "verify_checkpoint", "default_argument_parser", "distributed_backend", "get_rank", "get_world_size",
+    "load_config", "setup", "evaluate", "inference_on_dataset", "results_table", "launch", "WarmupLRScheduler",
+    "lr_factor", "build_optimizer", "get_vit_layer_id", "layer_decay_param_groups", "Trainer", "deepspeed_config",
+    "eval_weights",
 ]

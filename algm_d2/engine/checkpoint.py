@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .defaults import get_rank
-from .rng import rng_state, set_rng_state
+from .rng import rng_state
 
 logger = logging.getLogger(__name__)
 POINTER = "last_checkpoint"
@@ -179,8 +179,9 @@ class TrainingCheckpointer:
             shutil.rmtree(directory, ignore_errors=True)
 
     def load(self) -> Optional[Dict[str, Any]]:
-        """Restore the last complete checkpoint into the engine (weights, optimizer, lr scheduler) and this rank's
-        RNG states; returns this rank's trainer state, or None when there is no checkpoint."""
+        """Restore the last complete checkpoint into the engine (weights, optimizer, lr scheduler); returns this
+        rank's trainer state (with "iteration" and "rng", to restore with :func:`set_rng_state` right before the
+        next step), or None when there is no checkpoint."""
         directory = last_checkpoint(self.checkpoint_dir)
         if directory is None:
             return None
@@ -193,6 +194,5 @@ class TrainingCheckpointer:
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-        set_rng_state(state["rng"])
         logger.info("resumed from %s (iteration %d)", directory, state["iteration"])
         return state

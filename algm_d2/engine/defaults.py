@@ -109,10 +109,12 @@ def setup(args: argparse.Namespace) -> CfgNode:
     rank = get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logging(cfg.OUTPUT_DIR, rank)
+    logger.info("rank %d of %d processes%s", rank, get_world_size(),
+                f" ({dist.get_backend()})" if dist.is_available() and dist.is_initialized() else "")
     if rank == 0:
         (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
         logger.info("command line: %s", " ".join(sys.argv))
-        logger.info("world size %d; full config saved to %s", get_world_size(), Path(cfg.OUTPUT_DIR) / "config.yaml")
+        logger.info("full config saved to %s", Path(cfg.OUTPUT_DIR) / "config.yaml")
     seed = cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31)
     seed_everything(seed + rank)
     return cfg

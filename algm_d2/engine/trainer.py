@@ -1,13 +1,19 @@
-"""Iteration-based training on DeepSpeed (ZeRO 0-3, fp32/bf16/fp16, clipping, accumulation) with detectron2's habits:
-periodic atomic checkpoints, exact resume, periodic evaluation, console + metrics.json + TensorBoard logging."""
+"""Iteration-based training on DeepSpeed with detectron2's habits.
+
+DeepSpeed runs the model (ZeRO stage 0-3, fp32/bf16/fp16, gradient clipping and accumulation) with a torch
+optimizer and our lr scheduler; around it: periodic atomic checkpoints and exact resume, a stop with a usable
+checkpoint on a non-finite loss, periodic evaluation, and logs to the console, metrics.json and TensorBoard with a
+progress bar on the main rank.
+"""
 from __future__ import annotations
 
-import json
+import datetime
 import logging
+import shutil
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, ContextManager, Dict, Iterator, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,199 +23,296 @@ from tqdm import tqdm
 from ..checkpoint import load_model_weights
 from ..data import build_train_loader
 from ..modeling import build_model
-from .checkpoint import (
-    consolidated_state_dict, last_checkpoint, load_training_checkpoint, save_training_checkpoint,
-)
+from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
 from .defaults import get_rank, get_world_size
 from .evaluation import evaluate
-from .lr_schedule import StepLRScheduler
+from .events import EventWriter
+from .lr_schedule import WarmupLRScheduler
 from .optim import build_optimizer
+from .rng import preserved_rng, set_rng_state
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
+FINAL_WEIGHTS = "model_final.pth"
 
 
 def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:  # noqa: ANN001 - a CfgNode
-    """The DeepSpeed JSON config from SOLVER.* and DEEPSPEED.*; errors name the keys that do not fit together."""
+    """DeepSpeed's JSON config from SOLVER.* and DEEPSPEED.*; errors name the keys that do not fit together."""
     solver, ds = cfg.SOLVER, cfg.DEEPSPEED
     if ds.PRECISION not in PRECISIONS:
         raise ValueError(f"DEEPSPEED.PRECISION must be one of {PRECISIONS}, got {ds.PRECISION!r}")
-    if ds.PRECISION == "fp16" and not torch.cuda.is_available():
-        raise ValueError("DEEPSPEED.PRECISION fp16 needs a GPU (DeepSpeed's CPU backend has no fp16); use bf16")
-    if not 0 <= ds.ZERO_STAGE <= 3:
-        raise ValueError(f"DEEPSPEED.ZERO_STAGE must be 0-3, got {ds.ZERO_STAGE}")
+    if ds.PRECISION == "fp16" and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ValueError(f"DEEPSPEED.PRECISION fp16 needs a GPU (MODEL.DEVICE is {cfg.MODEL.DEVICE!r} and DeepSpeed's "
+                         "CPU backend has no fp16); use bf16 or fp32")
+    if ds.ZERO_STAGE not in (0, 1, 2, 3):
+        raise ValueError(f"DEEPSPEED.ZERO_STAGE must be 0, 1, 2 or 3, got {ds.ZERO_STAGE}")
+    if solver.GRAD_ACCUM_STEPS < 1:
+        raise ValueError(f"SOLVER.GRAD_ACCUM_STEPS must be >= 1, got {solver.GRAD_ACCUM_STEPS}")
     per_step = world_size * solver.GRAD_ACCUM_STEPS
-    if solver.IMS_PER_BATCH % per_step:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({solver.IMS_PER_BATCH}) must be divisible by world size "
-                         f"({world_size}) x SOLVER.GRAD_ACCUM_STEPS ({solver.GRAD_ACCUM_STEPS})")
+    if solver.IMS_PER_BATCH <= 0 or solver.IMS_PER_BATCH % per_step:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH ({solver.IMS_PER_BATCH}) must be a positive multiple of the number of "
+                         f"processes ({world_size}) x SOLVER.GRAD_ACCUM_STEPS ({solver.GRAD_ACCUM_STEPS})")
+    clip = solver.CLIP_GRADIENTS
+    if clip.ENABLED:
+        if clip.CLIP_TYPE != "full_model" or clip.NORM_TYPE != 2.0:
+            raise ValueError("DeepSpeed clips the L2 norm of all gradients together: SOLVER.CLIP_GRADIENTS.CLIP_TYPE "
+                             f"must be 'full_model' and NORM_TYPE 2.0, got {clip.CLIP_TYPE!r} and {clip.NORM_TYPE}")
+        if clip.CLIP_VALUE <= 0:
+            raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0, got {clip.CLIP_VALUE}")
     return {
         "train_batch_size": solver.IMS_PER_BATCH,
         "train_micro_batch_size_per_gpu": solver.IMS_PER_BATCH // per_step,
         "gradient_accumulation_steps": solver.GRAD_ACCUM_STEPS,
-        "gradient_clipping": float(solver.CLIP_GRADIENTS),
+        "gradient_clipping": float(clip.CLIP_VALUE) if clip.ENABLED else 0.0,
         "zero_optimization": {"stage": ds.ZERO_STAGE},
         "bf16": {"enabled": ds.PRECISION == "bf16"},
         "fp16": {"enabled": ds.PRECISION == "fp16", "initial_scale_power": 16},
+        # our torch optimizers are not on DeepSpeed's list of tested ZeRO optimizers; they work (CI covers it)
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
+        "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
 
 
+def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
+    """The weights ``--eval-only`` evaluates: MODEL.WEIGHTS, else the full weights of OUTPUT_DIR's last checkpoint."""
+    if cfg.MODEL.WEIGHTS:
+        return Path(cfg.MODEL.WEIGHTS)
+    checkpoint_dir = Path(cfg.OUTPUT_DIR) / "checkpoints"
+    last = last_checkpoint(checkpoint_dir)
+    if last is None:
+        raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS is empty and {checkpoint_dir} has no checkpoint; pass "
+                                "MODEL.WEIGHTS <file> (a released checkpoint or a model_final.pth)")
+    return last / MODEL_FILE
+
+
 class Trainer:
-    """Builds the model, optimizer, scheduler and DeepSpeed engine from ``cfg`` and runs SOLVER.MAX_ITER steps."""
+    """Builds the model, optimizer, lr scheduler and DeepSpeed engine from ``cfg``; :meth:`train` runs to
+    SOLVER.MAX_ITER. With ``resume`` it continues from OUTPUT_DIR's last checkpoint exactly (iteration, weights,
+    optimizer, scheduler, RNG and data order), else it starts from MODEL.WEIGHTS (or from scratch).
+
+    ``build_model`` and ``build_train_loader`` are classmethods to override, as in detectron2's DefaultTrainer.
+    """
 
     def __init__(self, cfg, *, resume: bool = False) -> None:  # noqa: ANN001 - a CfgNode
         import deepspeed
 
         self.cfg = cfg
+        solver = cfg.SOLVER
         self.rank, self.world_size = get_rank(), get_world_size()
         self.output_dir = Path(cfg.OUTPUT_DIR)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
-        model = build_model(cfg)
-        if cfg.MODEL.WEIGHTS and not (resume and last_checkpoint(self.checkpoint_dir)):
+        checkpoint_dir = self.output_dir / "checkpoints"
+        ds_config = deepspeed_config(cfg, self.world_size)
+        model = self.build_model(cfg)
+        if cfg.MODEL.WEIGHTS and not (resume and last_checkpoint(checkpoint_dir) is not None):
             load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
-        solver = cfg.SOLVER
-        scheduler = StepLRScheduler(optimizer, max_iter=solver.MAX_ITER, schedule=solver.LR_SCHEDULER,
-                                    base_lr=solver.BASE_LR, min_lr=solver.MIN_LR, power=solver.POLY_POWER,
-                                    warmup_iters=solver.WARMUP_ITERS, warmup_factor=solver.WARMUP_FACTOR)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world_size))
-        self.start_iter = load_training_checkpoint(self.engine, self.checkpoint_dir) if resume else 0
-        self.accum = solver.GRAD_ACCUM_STEPS
-        self.loader = build_train_loader(cfg, total_batch_size=solver.IMS_PER_BATCH // self.accum,
-                                         start_iter=self.start_iter * self.accum)
-        self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+            model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
+            config=ds_config)
+        self.checkpointer = TrainingCheckpointer(self.engine, checkpoint_dir,
+                                                 max_to_keep=solver.MAX_CHECKPOINTS_TO_KEEP)
+        self.accum_steps = solver.GRAD_ACCUM_STEPS
+        self.start_iter = 0
+        # micro-batches this rank's loader has produced: the data order resumes from here
+        self.data_position = 0
+        state = self.checkpointer.load() if resume else None
+        # the generators are restored when training starts, after everything that draws from them (data iterator)
+        self.resume_rng_state = None
+        if state is not None:
+            self._check_resumable(state)
+            self.start_iter, self.data_position = state["iteration"], state["data_position"]
+            self.resume_rng_state = state["rng"]
+        elif resume:
+            logger.info("--resume: no checkpoint in %s yet; starting at iteration 0", checkpoint_dir)
+        self.train_loader = self.build_train_loader(cfg, total_batch_size=solver.IMS_PER_BATCH // self.accum_steps,
+                                                    start_iter=self.data_position)
+        self.events = EventWriter(self.output_dir, enabled=self.rank == 0)
+        self.last_lr = solver.BASE_LR
 
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+    @classmethod
+    def build_model(cls, cfg) -> nn.Module:  # noqa: ANN001 - a CfgNode
+        return build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg, *, total_batch_size: int, start_iter: int) -> Any:  # noqa: ANN001
+        """Infinite loader of this rank's micro-batches (``total_batch_size`` images over all ranks), from
+        micro-batch ``start_iter`` of the run's fixed order."""
+        return build_train_loader(cfg, total_batch_size=total_batch_size, start_iter=start_iter)
 
     @property
     def model(self) -> nn.Module:
         return self.engine.module
 
-    @contextmanager
-    def gathered_parameters(self) -> Iterator[None]:
-        """All parameters whole on every rank (ZeRO-3 partitions them; evaluation runs ranks unevenly)."""
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {"data_position": self.data_position, "world_size": self.world_size,
+                "ims_per_batch": self.cfg.SOLVER.IMS_PER_BATCH, "grad_accum_steps": self.accum_steps}
+
+    def _check_resumable(self, state: Dict[str, Any]) -> None:
+        """Exact resume needs the same processes and batch layout as the run that wrote the checkpoint."""
+        saved = {"world size (processes)": state["world_size"], "SOLVER.IMS_PER_BATCH": state["ims_per_batch"],
+                 "SOLVER.GRAD_ACCUM_STEPS": state["grad_accum_steps"]}
+        now = {"world size (processes)": self.world_size, "SOLVER.IMS_PER_BATCH": self.cfg.SOLVER.IMS_PER_BATCH,
+               "SOLVER.GRAD_ACCUM_STEPS": self.accum_steps}
+        changed = [f"{key} {saved[key]} -> {now[key]}" for key in saved if saved[key] != now[key]]
+        if changed:
+            raise ValueError(f"cannot resume {self.checkpointer.checkpoint_dir} exactly: {', '.join(changed)}; resume "
+                             "with the settings of the run that wrote it, or start a new OUTPUT_DIR with MODEL.WEIGHTS")
+
+    def gathered_parameters(self) -> ContextManager[None]:
+        """Every parameter whole on every rank (ZeRO-3 partitions them; evaluation runs ranks unevenly)."""
         if self.engine.zero_optimization_stage() == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                yield
-        else:
-            yield
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        return nullcontext()
 
-    def train(self, stop_at: Optional[int] = None) -> Dict[str, Any]:
-        """Train to SOLVER.MAX_ITER, or stop after step ``stop_at`` (a time-boxed job; resume continues it)."""
+    def train(self) -> Dict[str, Any]:
+        """Train from ``start_iter`` to SOLVER.MAX_ITER; returns the last evaluation's results ({} when none)."""
         cfg, solver = self.cfg, self.cfg.SOLVER
         max_iter = solver.MAX_ITER
-        data = iter(self.loader)
+        logger.info("training iterations %d..%d: %d images per step (%d processes x %d accumulation steps x %d "
+                    "images), ZeRO stage %d, %s", self.start_iter + 1, max_iter, solver.IMS_PER_BATCH, self.world_size,
+                    self.accum_steps, self.engine.train_micro_batch_size_per_gpu(), cfg.DEEPSPEED.ZERO_STAGE,
+                    cfg.DEEPSPEED.PRECISION)
+        data = iter(self.train_loader)
         self.engine.train()
-        bar = tqdm(total=max_iter, initial=self.start_iter, desc="training", unit="it", disable=self.rank != 0,
-                   mininterval=10)
+        if self.resume_rng_state is not None:
+            set_rng_state(self.resume_rng_state)
         results: Dict[str, Any] = {}
-        start_time = time.perf_counter()
-        for iteration in range(self.start_iter, max_iter):
-            step_start = time.perf_counter()
-            data_time = 0.0
-            losses_sum: Dict[str, float] = {}
-            for _ in range(self.accum):
-                fetch = time.perf_counter()
-                batch = next(data)
-                data_time += time.perf_counter() - fetch
-                losses = self.engine(batch)
-                loss = sum(losses.values())
-                self._check_finite(iteration, losses)
-                self.engine.backward(loss)
-                self.engine.step()
-                for name, value in losses.items():
-                    losses_sum[name] = losses_sum.get(name, 0.0) + float(value.detach()) / self.accum
-            step = iteration + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses_sum.values()):.4f}", refresh=False)
-            if step % solver.LOG_PERIOD == 0 or step == max_iter:
-                self._log(step, losses_sum, time.perf_counter() - step_start, data_time, start_time)
-            if step % solver.CHECKPOINT_PERIOD == 0 or step == max_iter:
-                save_training_checkpoint(self.engine, self.checkpoint_dir, step, solver.MAX_CHECKPOINTS_TO_KEEP)
-            if cfg.DATASETS.TEST and (step == max_iter or (cfg.TEST.EVAL_PERIOD and step % cfg.TEST.EVAL_PERIOD == 0)):
-                results = evaluate(self._eval_cfg(), self.model, self.gathered_parameters)
-                self._log_eval(step, results)
-            if stop_at is not None and step >= stop_at and step < max_iter:
-                save_training_checkpoint(self.engine, self.checkpoint_dir, step, solver.MAX_CHECKPOINTS_TO_KEEP)
-                bar.close()
-                return results
-        bar.close()
-        self.export_final_weights()
+        window: List[Dict[str, float]] = []
+        window_start = start_time = time.perf_counter()
+        window_data_time = 0.0
+        try:
+            with tqdm(total=max_iter, initial=self.start_iter, desc="training", unit="it", disable=self.rank != 0,
+                      mininterval=10, dynamic_ncols=True) as progress:
+                for iteration in range(self.start_iter, max_iter):
+                    losses, data_time = self.run_step(iteration, data)
+                    step = iteration + 1
+                    window.append(losses)
+                    window_data_time += data_time
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{sum(losses.values()):.4f}", refresh=False)
+                    if step % solver.LOG_PERIOD == 0 or step == max_iter:
+                        now = time.perf_counter()
+                        self._log(step, window, (now - window_start) / len(window), window_data_time / len(window),
+                                  eta_seconds=(now - start_time) / (step - self.start_iter) * (max_iter - step))
+                        window, window_data_time, window_start = [], 0.0, now
+                    if step % solver.CHECKPOINT_PERIOD == 0 or step == max_iter:
+                        self.save_checkpoint(step)
+                    if cfg.DATASETS.TEST and (step == max_iter or (cfg.TEST.EVAL_PERIOD > 0 and
+                                                                   step % cfg.TEST.EVAL_PERIOD == 0)):
+                        results = self.test(step)
+            self.export_final_weights()
+        finally:
+            self.events.close()
         return results
 
+    def run_step(self, iteration: int, data: Iterator[List[Dict[str, Any]]]) -> Tuple[Dict[str, float], float]:
+        """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns ({loss name: value averaged over the
+        micro-batches}, seconds spent waiting for data)."""
+        losses: Dict[str, float] = {}
+        data_time = 0.0
+        self.last_lr = max(group["lr"] for group in self.engine.optimizer.param_groups)  # this step's, undecayed
+        for _ in range(self.accum_steps):
+            fetch_start = time.perf_counter()
+            batch = next(data)
+            data_time += time.perf_counter() - fetch_start
+            self.data_position += 1
+            loss_dict = self.engine(batch)
+            self._check_finite(iteration, loss_dict)
+            self.engine.backward(sum(loss_dict.values()))
+            self.engine.step()
+            for name, value in loss_dict.items():
+                losses[name] = losses.get(name, 0.0) + float(value.detach()) / self.accum_steps
+        return losses, data_time
+
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)], device=self.engine.device)  # NCCL reduces device tensors only
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def _check_finite(self, iteration: int, loss_dict: Dict[str, torch.Tensor]) -> None:
+        """Stop every rank before a non-finite loss reaches the weights; the last checkpoint stays the last good one
+        (verified here, so the message can say so)."""
+        bad = {name: float(value.detach()) for name, value in loss_dict.items() if not torch.isfinite(value).all()}
+        if not self._any_rank(bool(bad)):
+            return
+        terms = ", ".join(f"{name} = {value}" for name, value in bad.items()) or "on another rank"
+        raise FloatingPointError(f"loss became non-finite at iteration {iteration + 1} ({terms}); stopped before "
+                                 f"that update. {self._last_good_checkpoint()}")
+
+    def _last_good_checkpoint(self) -> str:
+        last = last_checkpoint(self.checkpointer.checkpoint_dir)  # raises, naming the file, if it were broken
+        if last is None:
+            return (f"No checkpoint was written yet (SOLVER.CHECKPOINT_PERIOD {self.cfg.SOLVER.CHECKPOINT_PERIOD}); "
+                    "restart with a lower SOLVER.BASE_LR or SOLVER.CLIP_GRADIENTS.ENABLED True.")
+        return (f"The last good checkpoint is {last} (complete, checked against its manifest): continue from it with "
+                "--resume, e.g. with a lower SOLVER.BASE_LR or SOLVER.CLIP_GRADIENTS.ENABLED True.")
+
+    def _weights_finite(self) -> bool:
+        """True when every rank's parameters (its ZeRO-3 slices) are finite."""
+        bad = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.model.parameters())
+        return not self._any_rank(bad)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Collective; refuses to save non-finite weights, so the last checkpoint stays a good one."""
+        if not self._weights_finite():
+            raise FloatingPointError(f"the weights became non-finite by iteration {step}; not saving them. "
+                                     f"{self._last_good_checkpoint()}")
+        return self.checkpointer.save(step, self._trainer_state())
+
     def _eval_cfg(self):  # noqa: ANN202 - a CfgNode
-        """ZeRO-3's partitioning hooks hide weights from the FLOP counter's trace: skip GFLOPs there rather than
-        report a wrong number (count them with --eval-only on the exported model_final.pth)."""
+        """The config for evaluation during training. Under ZeRO-3 the traced graph holds DeepSpeed's own ops instead
+        of the linear layers (LinearFunctionForZeroStage3), which the FLOP counter cannot count: GFLOPs are skipped
+        there rather than reported wrong (count them with --eval-only on model_final.pth)."""
         if self.engine.zero_optimization_stage() != 3 or not self.cfg.TEST.COMPUTE_FLOPS:
             return self.cfg
-        logger.warning("TEST.COMPUTE_FLOPS is skipped during ZeRO-3 training (partitioned weights); run --eval-only "
-                       "on model_final.pth for GFLOPs")
+        logger.warning("TEST.COMPUTE_FLOPS is skipped during ZeRO-3 training; run --eval-only on model_final.pth "
+                       "for GFLOPs")
         cfg = self.cfg.clone()
         cfg.defrost()
         cfg.TEST.COMPUTE_FLOPS = False
         cfg.freeze()
         return cfg
 
-    def _check_finite(self, iteration: int, losses: Dict[str, torch.Tensor]) -> None:
-        """Stop before a non-finite loss reaches the weights; the last checkpoint stays the last good one."""
-        bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.engine.device)  # NCCL reduces device tensors only
-        if dist.is_initialized():
-            dist.all_reduce(flag)  # every rank stops together
-        if bad or flag.item() > 0:
-            tag = last_checkpoint(self.checkpoint_dir)
-            where = f"the last good checkpoint is {self.checkpoint_dir / tag}" if tag else "no checkpoint was saved"
-            raise FloatingPointError(f"loss became non-finite at iteration {iteration + 1} "
-                                     f"({bad or 'on another rank'}); stopping: {where}")
+    def test(self, step: int) -> Dict[str, Any]:
+        """Evaluate on DATASETS.TEST; the training run's generators are left as they were."""
+        with preserved_rng():
+            results = evaluate(self._eval_cfg(), self.model, gathered_parameters=self.gathered_parameters)
+        for name, result in results.items():
+            metrics = {key: result["sem_seg"][key] for key in ("mIoU", "fwIoU", "mACC", "pACC")}
+            self.events.write({"iteration": step, "dataset": name, **metrics}, group=f"eval/{name}")
+        return results
 
-    def _log(self, step: int, losses: Dict[str, float], step_time: float, data_time: float, start: float) -> None:
-        names = sorted(losses)
-        values = torch.tensor([losses[n] for n in names], dtype=torch.float64, device=self.engine.device)
-        if dist.is_initialized():
+    def _log(self, step: int, window: List[Dict[str, float]], seconds_per_iter: float, data_time: float, *,
+             eta_seconds: float) -> None:
+        """Losses averaged over the iterations since the last log and over ranks; console + metrics.json + TB."""
+        names = sorted(window[-1])
+        values = torch.tensor([sum(losses[n] for losses in window) / len(window) for n in names],
+                              dtype=torch.float64, device=self.engine.device)
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world_size
-        values = values.cpu()
         if self.rank != 0:
             return
-        done = step - self.start_iter
-        eta = (time.perf_counter() - start) / max(done, 1) * (self.cfg.SOLVER.MAX_ITER - step)
-        record = {"iteration": step, **dict(zip(names, values.tolist())), "total_loss": float(values.sum()),
-                  "lr": self.scheduler.get_last_lr()[0], "time": step_time, "data_time": data_time, "eta_seconds": eta}
-        with open(self.output_dir / "metrics.json", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key in ("total_loss", "lr", *names):
-            self.writer.add_scalar(f"train/{key}", record[key], step)
-        logger.info("iter %d  loss %.4f  lr %.3g  %.3fs/it  eta %s", step, record["total_loss"], record["lr"],
-                    step_time, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        losses = dict(zip(names, values.cpu().tolist()))
+        record = {"iteration": step, "total_loss": sum(losses.values()), **losses,
+                  "lr": self.last_lr, "time": seconds_per_iter, "data_time": data_time,
+                  "eta_seconds": eta_seconds}
+        self.events.write(record, group="train")
+        logger.info("iter: %d/%d  %s  lr: %.4g  time: %.4f  data_time: %.4f  eta: %s", step, self.cfg.SOLVER.MAX_ITER,
+                    "  ".join(f"{name}: {record[name]:.4f}" for name in ("total_loss", *names)), record["lr"],
+                    seconds_per_iter, data_time, datetime.timedelta(seconds=int(eta_seconds)))
 
-    def _log_eval(self, step: int, results: Dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        for name, result in results.items():
-            for key in ("mIoU", "fwIoU", "mACC", "pACC"):
-                self.writer.add_scalar(f"{name}/{key}", result["sem_seg"][key], step)
-            with open(self.output_dir / "metrics.json", "a") as f:
-                f.write(json.dumps({"iteration": step, "dataset": name, **{k: result["sem_seg"][k] for k in (
-                    "mIoU", "fwIoU", "mACC", "pACC")}}) + "\n")
-
-    def export_final_weights(self) -> Optional[Path]:
-        """``model_final.pth`` = {"model": full float32 state dict}: loadable with MODEL.WEIGHTS."""
-        state = consolidated_state_dict(self.engine)
-        if self.rank != 0:
-            return None
-        path = self.output_dir / "model_final.pth"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": state}, tmp)
-        tmp.replace(path)
-        logger.info("final weights written to %s", path)
-        if self.writer is not None:
-            self.writer.close()
+    def export_final_weights(self) -> Path:
+        """OUTPUT_DIR/model_final.pth: the last checkpoint's full float32 weights (``{"model": state dict}``),
+        loadable with MODEL.WEIGHTS."""
+        path = self.output_dir / FINAL_WEIGHTS
+        if self.rank == 0:
+            source = last_checkpoint(self.checkpointer.checkpoint_dir) / MODEL_FILE
+            with open(source, "rb") as weights:
+                atomic_write(path, lambda f: shutil.copyfileobj(weights, f))
+            logger.info("final weights: %s", path)
         return path
