@@ -80,7 +80,78 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.NUM_HEADS = 0
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
     cfg.MODEL.SEM_SEG_HEAD.DROP_PATH_RATE = 0.0
+    # Mask2Former pixel decoder (registered in PIXEL_DECODER_REGISTRY): "MSDeformAttnPixelDecoder".
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    # Pixel decoder width (input/lateral/output convs) and mask feature channels (EVA: 1024; d2 R50: 256).
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 1024
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 1024
+    # Normalization of the pixel decoder's convs ("GN": GroupNorm(32)).
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    # Deformable encoder of the pixel decoder: layers, heads, points per level and head, FFN width.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    cfg.MODEL.SEM_SEG_HEAD.ENC_NUM_HEADS = 32
+    cfg.MODEL.SEM_SEG_HEAD.ENC_NUM_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.ENC_DIM_FEEDFORWARD = 4096
+    # Backbone feature levels the deformable encoder reads (the lowest-resolution ones; the rest go through the
+    # FPN lateral convs); the mask features are at 1/COMMON_STRIDE of the input.
+    cfg.MODEL.SEM_SEG_HEAD.NUM_TRANSFORMER_LEVELS = 3
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    # Multi-scale deformable attention implementation: "auto" (Triton on CUDA, PyTorch reference on CPU),
+    # "reference" or "triton".
+    cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL = "auto"
+    _mask_former(cfg)
+    _vit_adapter(cfg)
     add_algm_config(cfg)
+
+
+def _mask_former(cfg: CN) -> None:
+    cfg.MODEL.MASK_FORMER = CN()
+    # Registered transformer decoder (TRANSFORMER_DECODER_REGISTRY): "MultiScaleMaskedTransformerDecoder" (on the
+    # pixel decoder's pyramid) or "MergedTokenMaskedTransformerDecoder" (plain ViT: cross-attends to merged tokens).
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    # Query width, number of queries, attention heads, FFN width (EVA ADE20K: 1024, 200, 32, 4096).
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 1024
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 200
+    cfg.MODEL.MASK_FORMER.NHEADS = 32
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 4096
+    # detectron2's convention: DEC_LAYERS - 1 decoder layers plus the prediction from the queries alone (EVA: 9).
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 9
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    # Pre-norm decoder layers (Mask2Former and EVA: post-norm, False).
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    # Loss on every intermediate prediction (deep supervision).
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    # Criterion: weight of the "no object" class in the CE; loss (and matching cost) weights.
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
+    # Point sampling for the matcher and the mask losses: points per mask, oversampling, importance ratio.
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 12544
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # Images are padded to a multiple of this before the backbone (ViT-Adapter: 32).
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+
+
+def _vit_adapter(cfg: CN) -> None:
+    cfg.MODEL.VIT_ADAPTER = CN()
+    # ViT-Adapter (BEiTAdapter as in EVA's release) around the ALGM backbone, used when MODEL.BACKBONE.NAME is
+    # "ViTAdapter": spatial-prior stem width, deformable heads/points, value ratio, ConvFFN ratio.
+    cfg.MODEL.VIT_ADAPTER.CONV_INPLANE = 64
+    cfg.MODEL.VIT_ADAPTER.DEFORM_NUM_HEADS = 16
+    cfg.MODEL.VIT_ADAPTER.N_POINTS = 4
+    cfg.MODEL.VIT_ADAPTER.DEFORM_RATIO = 0.5
+    cfg.MODEL.VIT_ADAPTER.CFFN_RATIO = 0.25
+    cfg.MODEL.VIT_ADAPTER.WITH_CFFN = True
+    # Initial injector gate gamma (0: the adapter starts as the identity on the ViT).
+    cfg.MODEL.VIT_ADAPTER.INIT_VALUES = 0.0
+    # Blocks of each interaction, inclusive 0-based [first, last] (EVA-01 ViT-g: 4 × 10 blocks).
+    cfg.MODEL.VIT_ADAPTER.INTERACTION_INDEXES = [[0, 9], [10, 19], [20, 29], [30, 39]]
+    # The last interaction runs 2 extra extractors.
+    cfg.MODEL.VIT_ADAPTER.EXTRA_EXTRACTOR = True
+    # Add the ViT's per-interaction maps to the pyramid.
+    cfg.MODEL.VIT_ADAPTER.ADD_VIT_FEATURE = True
 
 
 def _input(cfg: CN) -> None:
