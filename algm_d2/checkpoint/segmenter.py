@@ -17,7 +17,8 @@ from torch import nn
 from ..merge import OFF, ALGMConfig
 from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
-from ..modeling.meta_arch.segmenter import Segmenter, build_segmenter_vit
+from ..modeling.backbone.build import build_segmenter_vit
+from ..modeling.meta_arch.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 

@@ -47,10 +47,12 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.PIXEL_STD = [127.5, 127.5, 127.5]
 
     cfg.MODEL.BACKBONE = CN()
-    # Registered backbone (algm_d2.modeling.BACKBONE_REGISTRY).
+    # Registered backbone (algm_d2.modeling.BACKBONE_REGISTRY): "ALGMViT" (tokens + merge state) or "ViTAdapter"
+    # (EVA's ViT-Adapter pyramid around it, settings in MODEL.VIT_ADAPTER).
     cfg.MODEL.BACKBONE.NAME = "ALGMViT"
-    # Encoder family: "vit" (timm VisionTransformer, Segmenter's layout) or "deit_distilled" (class + distillation
-    # token). Built from the sizes below, never downloaded.
+    # Encoder family: "vit" (timm VisionTransformer, Segmenter's layout), "deit_distilled" (class + distillation
+    # token), "eva01" (timm Eva, EVA-01 layout) or "eva02" (timm Eva with SwiGLU, sub-LN and RoPE). Built from the
+    # sizes below, never downloaded.
     cfg.MODEL.BACKBONE.ARCH = "vit"
     # Input size the position embedding is laid out for (pixels); other sizes interpolate it.
     cfg.MODEL.BACKBONE.IMG_SIZE = 512
@@ -65,6 +67,8 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.DROPOUT = 0.0
     # How the position embedding is resized for another grid: "bilinear" (Segmenter) or "bicubic" (timm).
     cfg.MODEL.BACKBONE.POS_EMBED_INTERP = "bilinear"
+    # EVA-02: the patch grid (side) its RoPE frequencies were laid out for in pretraining (pt_hw_seq_len).
+    cfg.MODEL.BACKBONE.ROPE_PRETRAIN_GRID = 16
     # Recompute block activations in the backward pass (saves memory).
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
 
@@ -172,6 +176,8 @@ def _input(cfg: CN) -> None:
     # (2048, 512) test scale); MIN_SIZE_TEST 0 = no resize, MAX_SIZE_TEST 0 = no limit.
     cfg.INPUT.MIN_SIZE_TEST = 512
     cfg.INPUT.MAX_SIZE_TEST = 2048
+    # Then resize (bilinear, not pad) each side up to a multiple of this (mmseg's ResizeToMultiple; EVA: 32); 0 = off.
+    cfg.INPUT.SIZE_DIVISIBILITY_TEST = 0
 
 
 def _datasets(cfg: CN) -> None:

@@ -57,12 +57,14 @@ class SemSegDatasetMapper:
         flip_prob: probability of a horizontal flip.
         photometric_distortion: mmseg's brightness/contrast/saturation/hue jitter.
         min_size_test, max_size_test: test resize (short side, long side limit; 0 = no resize / no limit).
+        size_divisibility_test: then resize each side up to a multiple of this (0 = off; EVA's ADE20K: 32).
     """
 
     def __init__(self, *, is_train: bool, num_classes: int, ignore_label: int = 255,
                  image_scale: Tuple[int, int] = (2048, 512), ratio_range: Tuple[float, float] = (0.5, 2.0),
                  crop_size: Tuple[int, int] = (512, 512), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
-                 photometric_distortion: bool = True, min_size_test: int = 512, max_size_test: int = 2048) -> None:
+                 photometric_distortion: bool = True, min_size_test: int = 512, max_size_test: int = 2048,
+                 size_divisibility_test: int = 0) -> None:
         if len(crop_size) != 2 or min(crop_size) <= 0:
             raise ValueError(f"crop_size must be (height, width) > 0, got {crop_size}")
         if not 0 < ratio_range[0] <= ratio_range[1]:
@@ -78,6 +80,7 @@ class SemSegDatasetMapper:
         self.photometric_distortion = photometric_distortion
         self.min_size_test = min_size_test
         self.max_size_test = max_size_test
+        self.size_divisibility_test = size_divisibility_test
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True,  # noqa: ANN001 - a CfgNode
@@ -90,7 +93,8 @@ class SemSegDatasetMapper:
                    image_scale=cfg.INPUT.IMAGE_SCALE, ratio_range=cfg.INPUT.RATIO_RANGE,
                    crop_size=cfg.INPUT.CROP_SIZE, cat_max_ratio=cfg.INPUT.CAT_MAX_RATIO,
                    flip_prob=cfg.INPUT.FLIP_PROB, photometric_distortion=cfg.INPUT.PHOTOMETRIC_DISTORTION,
-                   min_size_test=cfg.INPUT.MIN_SIZE_TEST, max_size_test=cfg.INPUT.MAX_SIZE_TEST)
+                   min_size_test=cfg.INPUT.MIN_SIZE_TEST, max_size_test=cfg.INPUT.MAX_SIZE_TEST,
+                   size_divisibility_test=cfg.INPUT.SIZE_DIVISIBILITY_TEST)
 
     def __call__(self, record: Dict[str, Any], rng: Optional[np.random.Generator] = None) -> Dict[str, Any]:
         """Map one record; ``rng`` drives the training augmentation (None: a freshly seeded generator)."""
@@ -111,7 +115,8 @@ class SemSegDatasetMapper:
                 ratio_range=self.ratio_range, crop_size=self.crop_size, cat_max_ratio=self.cat_max_ratio,
                 flip_prob=self.flip_prob, photometric=self.photometric_distortion, ignore_label=self.ignore_label)
         else:
-            image = resize_test(image, min_size=self.min_size_test, max_size=self.max_size_test)
+            image = resize_test(image, min_size=self.min_size_test, max_size=self.max_size_test,
+                                size_divisibility=self.size_divisibility_test)
         output["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if label is not None:
             output["sem_seg"] = torch.from_numpy(label.astype(np.int64))

@@ -135,11 +135,14 @@ def augment_train(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
                                                                    ignore_label)
 
 
-def resize_test(image: np.ndarray, *, min_size: int, max_size: int) -> np.ndarray:
-    """Short side to ``min_size`` with the long side at most ``max_size`` (0 = no limit), keeping the ratio;
-    ``min_size`` 0 keeps the image as it is."""
-    if min_size <= 0:
-        return image
-    size = rescale_size(*image.shape[:2], long_edge=max_size, short_edge=min_size)
+def resize_test(image: np.ndarray, *, min_size: int, max_size: int, size_divisibility: int = 0) -> np.ndarray:
+    """Short side to ``min_size`` with the long side at most ``max_size`` (0 = no limit), keeping the ratio
+    (``min_size`` 0 keeps the size); then each side resized up to a multiple of ``size_divisibility`` (mmseg's
+    ``ResizeToMultiple``, a bilinear resize rather than padding; 0 = off)."""
+    size = image.shape[:2]
+    if min_size > 0:
+        size = rescale_size(*size, long_edge=max_size, short_edge=min_size)
+    if size_divisibility > 0:
+        size = tuple(-(-s // size_divisibility) * size_divisibility for s in size)
     return resize_image(image, size)
 

@@ -8,6 +8,7 @@ ALGM stages of that layer → norm2 → MLP``, then the final norm. No timm forw
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -17,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
 from ...merge.state import attention_dtype
+from ..registry import BACKBONE_REGISTRY
+from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: Tuple[int, int], new_grid: Tup
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, -1)], dim=1)
 
 
+@BACKBONE_REGISTRY.register()
 class ALGMViT(nn.Module):
     """timm VisionTransformer/Eva encoder with ALGM; ``forward(images) -> (tokens [B, T, C], MergeState)``.
 
@@ -86,6 +90,12 @@ class ALGMViT(nn.Module):
         self.algm = algm
         self.pos_embed_interp = pos_embed_interp
         self.activation_checkpointing = activation_checkpointing
+
+    @classmethod
+    def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
+        node = cfg.MODEL.BACKBONE
+        return cls(vit=build_timm_vit(cfg), algm=algm_config_from_cfg(cfg), pos_embed_interp=node.POS_EMBED_INTERP,
+                   activation_checkpointing=node.ACTIVATION_CHECKPOINTING)
 
     @property
     def depth(self) -> int:
@@ -145,32 +155,69 @@ class ALGMViT(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def start(self, tokens: Tensor, grid: Tuple[int, int], grid_rope: Optional[Tensor] = None,
+              algm: Optional[ALGMConfig] = None) -> "TokenStream":
+        """An unmerged stream of embedded tokens ``[B, P + h*w, C]`` ready for :meth:`run_blocks`."""
+        state = MergeState.initial(tokens.shape[0], grid, self.num_prefix_tokens, tokens.device)
+        return TokenStream(x=tokens, state=state, algm=self.algm if algm is None else algm, grid_rope=grid_rope,
+                           rope=grid_rope)
+
+    def run_blocks(self, stream: "TokenStream", start: int, end: int, observer: Optional[Observer] = None) -> None:
+        """Run blocks ``start..end-1`` (0-based) on ``stream`` in place, merging where its ALGM config says.
+
+        Adapters interleave their own steps between block ranges; the stream carries the merged tokens, the state and
+        the attention inputs derived from it (key bias, RoPE at mean positions) across calls.
+        """
+        for index in range(start, end):
+            layer = index + 1
+            x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.bias, stream.rope)
+            if observer is not None:
+                observer(layer, x, stream.state)
+            previous = stream.state
+            x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
+            if stream.state is not previous:
+                stream.refresh_attention_inputs(x, self.num_prefix_tokens)
+            stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
+            stream.state.record_layer()
+
     def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
                 ) -> Tuple[Tensor, MergeState]:
         """Normalized images ``[B, 3, H, W]`` (H, W multiples of the patch) → final-norm tokens and the merge state.
 
         ``algm`` overrides the module's config for this call (e.g. ``OFF`` to calibrate on the base model).
         """
-        algm = self.algm if algm is None else algm
         x, grid, grid_rope = self.embed(images)
-        state = MergeState.initial(x.shape[0], grid, self.num_prefix_tokens, x.device)
-        phases = None
-        rope, bias = grid_rope, None
-        for index in range(self.depth):
-            layer = index + 1
-            x = self._maybe_checkpoint(self._attention_residual, index, x, bias, rope)
-            if observer is not None:
-                observer(layer, x, state)
-            merged_state = state
-            x, state = merge_after_attention(x, state, algm, layer)
-            if state is not merged_state:
-                bias = state.attention_bias(algm.prop_attn, attention_dtype(x))
-                if grid_rope is not None:
-                    phases = phases or RotaryPhases(grid_rope, grid)
-                    rope = phases.embed(state.positions[:, self.num_prefix_tokens:])[:, None]
-            x = self._maybe_checkpoint(self._mlp_residual, index, x)
-            state.record_layer()
-        return self.norm(x), state
+        stream = self.start(x, grid, grid_rope, algm)
+        self.run_blocks(stream, 0, self.depth, observer)
+        return self.norm(stream.x), stream.state
+
+
+@dataclass
+class TokenStream:
+    """Tokens in flight through the blocks of one forward pass, with what attention needs after merges.
+
+    Attributes:
+        x: the (merged) sequence ``[B, T, C]``, prefix tokens first.
+        state: its merge state.
+        algm: the ALGM config of this forward pass.
+        bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged.
+        grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
+    """
+
+    x: Tensor
+    state: MergeState
+    algm: ALGMConfig
+    bias: Optional[Tensor] = None
+    grid_rope: Optional[Tensor] = None
+    rope: Optional[Tensor] = None
+    phases: Optional[RotaryPhases] = None
+
+    def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
+        """Recompute the key bias and the RoPE at mean positions after a merge (``x``: the merged tokens)."""
+        self.bias = self.state.attention_bias(self.algm.prop_attn, attention_dtype(x))
+        if self.grid_rope is not None:
+            self.phases = self.phases or RotaryPhases(self.grid_rope, self.state.grid_size)
+            self.rope = self.phases.embed(self.state.positions[:, num_prefix:])[:, None]
 
 
 def apply_algm(model: nn.Module, config: Optional[ALGMConfig] = None, **kwargs: object) -> ALGMViT:

@@ -1,0 +1,123 @@
+"""ViT-Adapter with ALGM: the merged-token injector/extractor equal unmerge → op → re-merge, shapes, no-merge = base."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from timm.models.eva import Eva
+from torch import nn
+
+from algm_d2.merge import OFF, ALGMConfig, FixedLevel, MergeState, global_merge, local_merge
+from algm_d2.modeling.backbone.vit_adapter import Extractor, Injector, ViTAdapter, reference_points, slot_mean
+
+DIM, HEADS = 24, 4
+GRID = (4, 6)
+LEVELS = [(8, 12), (4, 6), (2, 3)]
+
+
+def merged_tokens(seed: int, policy: str):
+    """A float64 batch of [class, 4×6 patches] merged by CLAP then GBM (per-image counts differ under per_image)."""
+    g = torch.Generator().manual_seed(seed)
+    n = GRID[0] * GRID[1]
+    centres = torch.randn(2, 3, DIM, generator=g, dtype=torch.float64)
+    assign = torch.randint(0, 3, (2, n), generator=g)
+    x = torch.cat([torch.randn(2, 1, DIM, generator=g, dtype=torch.float64),
+                   centres.gather(1, assign[..., None].expand(-1, -1, DIM))
+                   + 0.3 * torch.randn(2, n, DIM, generator=g, dtype=torch.float64)], dim=1)
+    x[1, 1:] += torch.randn(n, DIM, generator=g, dtype=torch.float64)  # the second image merges less
+    state = MergeState.initial(2, GRID, 1, x.device, torch.float64)
+    x, state = local_merge(x, state, (2, 2), 0.5, policy, 1)
+    x, state = global_merge(x, state, FixedLevel(fraction=0.4), policy, 2)
+    return x, state
+
+
+def randomized(module: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    return module.double()
+
+
+@pytest.mark.parametrize("policy", ["min", "per_image"])
+def test_injector_on_merged_tokens_equals_unmerge_inject_remerge(policy):
+    x, state = merged_tokens(0, policy)
+    assert state.merged and int(state.num_tokens.min()) < 1 + GRID[0] * GRID[1]
+    injector = randomized(Injector(dim=DIM, num_heads=HEADS, num_points=2, impl="reference"), 1)
+    feat = torch.randn(2, sum(h * w for h, w in LEVELS), DIM, dtype=torch.float64)
+    points = reference_points([GRID], x.device).double()
+    merged = injector(x[:, 1:], state, points, feat, LEVELS)
+    grid_tokens = state.unmerge_patches(x[:, 1:])
+    unmerged = MergeState.initial(2, GRID, 1, x.device, torch.float64)
+    expected = slot_mean(injector(grid_tokens, unmerged, points, feat, LEVELS), state)
+    valid = (torch.arange(state.seq_len - 1) < (state.num_tokens - 1)[:, None])
+    torch.testing.assert_close(merged[valid], expected[valid], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("policy", ["min", "per_image"])
+def test_extractor_reading_merged_tokens_equals_reading_the_unmerged_grid(policy):
+    x, state = merged_tokens(2, policy)
+    extractor = randomized(Extractor(dim=DIM, num_heads=HEADS, num_points=2, impl="reference"), 3)
+    c = torch.randn(2, sum(h * w for h, w in LEVELS), DIM, dtype=torch.float64)
+    points = reference_points(LEVELS, x.device).double()
+    merged = extractor(c, points, x[:, 1:], state, GRID, LEVELS)
+    unmerged = MergeState.initial(2, GRID, 1, x.device, torch.float64)
+    expected = extractor(c, points, state.unmerge_patches(x[:, 1:]), unmerged, GRID, LEVELS)
+    torch.testing.assert_close(merged, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_slot_mean_averages_members_and_leaves_padding_zero():
+    x, state = merged_tokens(4, "per_image")
+    cells = torch.randn(2, GRID[0] * GRID[1], 3, dtype=torch.float64)
+    means = slot_mean(cells, state)
+    for b in range(2):
+        slots = state.index_map[b] - 1
+        for slot in range(int(state.num_tokens[b]) - 1):
+            torch.testing.assert_close(means[b, slot], cells[b][slots == slot].mean(0))
+        assert means[b, int(state.num_tokens[b]) - 1:].abs().sum() == 0
+
+
+def tiny_adapter(algm: ALGMConfig = OFF, seed: int = 0) -> ViTAdapter:
+    torch.manual_seed(seed)
+    vit = Eva(img_size=64, patch_size=16, embed_dim=DIM, depth=4, num_heads=HEADS, mlp_ratio=2.0, num_classes=0,
+              norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    model = ViTAdapter(vit=vit, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8,
+                       deform_num_heads=HEADS, init_values=0.5, msda_impl="reference", algm=algm)
+    return model.eval()
+
+
+def test_adapter_pyramid_shapes_at_a_non_square_size_and_gradients():
+    model = tiny_adapter(ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
+                                    global_threshold=FixedLevel(fraction=0.3))).train()
+    images = torch.randn(2, 3, 96, 160)
+    feats, state = model(images)
+    assert [tuple(f.shape) for f in feats] == [(2, DIM, 24, 40), (2, DIM, 12, 20), (2, DIM, 6, 10), (2, DIM, 3, 5)]
+    tokens = state.tokens_per_layer()
+    assert tokens[0][0] < 1 + 60 and tokens[2][0] < tokens[0][0]
+    sum(f.square().mean() for f in feats).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["interactions.2.injector.attn.sampling_offsets.weight"].abs().sum() > 0
+
+
+def test_adapter_with_merges_that_keep_every_token_equals_the_base_model():
+    base = tiny_adapter(OFF)
+    level0 = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(count=0),
+                        global_threshold=FixedLevel(count=0))
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, _ = base(images)
+        got, state = base(images, algm=level0)
+    assert state.merged
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_rejects_sizes_and_interaction_ranges_that_do_not_fit():
+    model = tiny_adapter()
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model(torch.randn(1, 3, 48, 64))
+    vit = Eva(img_size=64, patch_size=16, embed_dim=DIM, depth=4, num_heads=HEADS, num_classes=0)
+    with pytest.raises(ValueError, match="INTERACTION_INDEXES"):
+        ViTAdapter(vit=vit, interaction_indexes=[[0, 1], [3, 3]])
