@@ -67,6 +67,10 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.DROPOUT = 0.0
     # How the position embedding is resized for another grid: "bilinear" (Segmenter) or "bicubic" (timm).
     cfg.MODEL.BACKBONE.POS_EMBED_INTERP = "bilinear"
+    # timm / EVA weight file (.pth or .safetensors) that initialises the ViT before training (classifier and MIM
+    # heads dropped, position embedding and patch kernel resized by timm's filters); "" = none. MODEL.WEIGHTS, when
+    # given, is loaded afterwards and wins.
+    cfg.MODEL.BACKBONE.PRETRAINED = ""
     # EVA-02: the patch grid (side) its RoPE frequencies were laid out for in pretraining (pt_hw_seq_len).
     cfg.MODEL.BACKBONE.ROPE_PRETRAIN_GRID = 16
     # Recompute block activations in the backward pass (saves memory).

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_model_weights
+from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_train_loader
 from ..modeling import build_model
 from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
@@ -104,8 +104,11 @@ class Trainer:
         checkpoint_dir = self.output_dir / "checkpoints"
         ds_config = deepspeed_config(cfg, self.world_size)
         model = self.build_model(cfg)
-        if cfg.MODEL.WEIGHTS and not (resume and last_checkpoint(checkpoint_dir) is not None):
-            load_model_weights(model, cfg.MODEL.WEIGHTS)
+        if not (resume and last_checkpoint(checkpoint_dir) is not None):
+            if cfg.MODEL.BACKBONE.PRETRAINED:
+                load_pretrained_vit(model.net.backbone, cfg.MODEL.BACKBONE.PRETRAINED)
+            if cfg.MODEL.WEIGHTS:
+                load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),

@@ -80,6 +80,8 @@ class ALGMViT(nn.Module):
                 setattr(self, name, None)
         if not hasattr(self, "rope"):
             self.rope = None
+        # The ViT's own keys, to tell them from what subclasses add (pretrained loading initialises only these).
+        self.vit_state_keys = frozenset(vit.state_dict())
         if getattr(vit, "patch_drop", None) is not None and not isinstance(vit.patch_drop, nn.Identity):
             raise NotImplementedError("patch dropout changes the token grid; build the timm model without it")
         self.num_prefix_tokens = int(vit.num_prefix_tokens)

@@ -88,15 +88,17 @@ def build_eva(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num
               drop_path_rate: float = 0.0, norm_eps: float = 1e-6, eva02: bool = False, rope_pretrain_grid: int = 16
               ) -> Eva:
     """A timm Eva with the state_dict layout of EVA-01 (fused qkv with q/v bias, GELU MLP, absolute positions; e.g.
-    ViT-g: 1408 wide, 40 blocks, 16 heads, MLP 6144) or EVA-02 (separate q/k/v, SwiGLU with sub-LN, 2-D RoPE whose
-    frequencies are laid out for ``rope_pretrain_grid``² patches and interpolated to the input grid)."""
+    ViT-g: 1408 wide, 40 blocks, 16 heads, MLP 6144) or timm's EVA-02 B/L (SwiGLU with sub-LN, 2-D RoPE whose
+    frequencies are laid out for ``rope_pretrain_grid``² patches and interpolated to the input grid; timm's filter
+    converts the original release's separate q/k/v into the fused qkv)."""
     common = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                   mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0, drop_path_rate=drop_path_rate,
-                  norm_layer=partial(nn.LayerNorm, eps=norm_eps), use_abs_pos_emb=True)
+                  norm_layer=partial(nn.LayerNorm, eps=norm_eps), use_abs_pos_emb=True,
+                  use_fc_norm=False)  # a final per-token norm (as timm's forward_features), no pooling norm
     if eva02:
-        return Eva(**common, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+        return Eva(**common, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
                    ref_feat_shape=(rope_pretrain_grid, rope_pretrain_grid), dynamic_img_size=True)
-    return Eva(**common, qkv_fused=True, use_rot_pos_emb=False)
+    return Eva(**common, use_rot_pos_emb=False)
 
 
 def build_timm_vit(cfg) -> nn.Module:  # noqa: ANN001 - a CfgNode

@@ -56,6 +56,11 @@ class Segmenter(nn.Module):
         return cls(encoder=encoder, decoder=decoder, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     @property
+    def backbone(self) -> ALGMViT:
+        """The encoder under detectron2's name (the release calls it ``encoder``)."""
+        return self.encoder
+
+    @property
     def algm(self) -> ALGMConfig:
         return self.encoder.algm
 

@@ -1,0 +1,68 @@
+"""Backbone initialisation from timm / EVA weight files (ImageNet or MIM pretraining) before fine-tuning.
+
+Only the ViT part of the backbone is loaded (for ViT-Adapter, the adapter stays newly initialised). timm's own
+checkpoint filters convert the original EVA/EVA-02/DeiT layouts and resize the position embedding and the patch
+kernel to the model; every ViT key must then be present with its shape, and keys the segmentation model has no use
+for (classifier, final/pooling norm, MIM heads) are dropped and logged.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from timm.models import eva, vision_transformer
+
+from ..modeling.backbone.algm_vit import ALGMViT
+from .segmenter import CheckpointMismatchError, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+# Pretraining-only parts: classification heads, the final/pooling norms (segmentation heads bring their own), MIM heads.
+PRETRAIN_ONLY_PREFIXES = ("head.", "head_dist.", "fc_norm.", "norm.", "lm_head.", "mask_token", "rel_pos_bias.")
+# Files of average-pooled classifiers have no final per-token norm: the model's then keeps its init (with a warning).
+OPTIONAL_PREFIXES = ("norm.",)
+
+
+def read_pretrained(path: Union[str, Path], *, weights_only: bool = True) -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch file (``model``/``state_dict``/``module``/``model_ema`` unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights not found: {path}")
+        from safetensors.torch import load_file  # noqa: PLC0415 - only for this format
+
+        return load_file(str(path))
+    return read_state_dict(path, weights_only=weights_only)
+
+
+def load_pretrained_vit(backbone: ALGMViT, path: Union[str, Path], *, weights_only: bool = True) -> None:
+    """Initialise ``backbone``'s ViT from a timm/EVA weight file; raise listing missing/unexpected/mis-shaped keys."""
+    state_dict = read_pretrained(path, weights_only=weights_only)
+    is_eva = "eva" in backbone.kinds
+    convert = eva.checkpoint_filter_fn if is_eva else vision_transformer.checkpoint_filter_fn
+    state_dict = convert(state_dict, backbone)
+    expected = {k: v for k, v in backbone.state_dict().items() if k in backbone.vit_state_keys}
+    dropped = sorted(k for k in state_dict if k not in expected and k.startswith(PRETRAIN_ONLY_PREFIXES))
+    if dropped:
+        logger.info("%s: dropping %d pretraining-only keys: %s", path, len(dropped), ", ".join(dropped))
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+    missing = sorted(set(expected) - set(state_dict))
+    kept = [k for k in missing if k.startswith(OPTIONAL_PREFIXES)]
+    if kept:
+        logger.warning("%s has no %s (a pooled classifier's file): the final norm keeps its initialisation", path,
+                       ", ".join(kept))
+        missing = [k for k in missing if k not in kept]
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or mis_shaped:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys)}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+                 if keys]
+        raise CheckpointMismatchError(f"MODEL.BACKBONE.PRETRAINED {path} does not fit the backbone's ViT; "
+                                      + "; ".join(parts))
+    incompatible = backbone.load_state_dict(state_dict, strict=False)
+    logger.info("initialised the ViT from %s (%d tensors); newly initialised: %d tensors", path, len(state_dict),
+                len(incompatible.missing_keys))
