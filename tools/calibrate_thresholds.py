@@ -5,6 +5,7 @@ after the attention of each ALGM layer, measured on the base model (merging off)
   python tools/calibrate_thresholds.py --config-file configs/ade20k/segmenter/segmenter_vit_small_mask_512x512_160k_algm.yaml \
       --num-images 2000 --output tau.json MODEL.WEIGHTS seg_small_mask/checkpoint.pth
   # then train/evaluate with: MODEL.ALGM.CALIBRATION_FILE tau.json
+  # --all-layers: statistics after every block (the paper's Fig. 2b analysis, to choose LOCAL/GLOBAL_LAYER)
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main(argv=None) -> None:  # noqa: ANN001
     parser.add_argument("--num-images", type=int, default=1000, help="training crops to measure")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default="calibration.json")
+    parser.add_argument("--all-layers", action="store_true",
+                        help="measure after every block, not only MODEL.ALGM.LOCAL_LAYER / GLOBAL_LAYER")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -43,7 +46,10 @@ def main(argv=None) -> None:  # noqa: ANN001
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg.MODEL.WEIGHTS)
+    backbone = model.net.backbone
     layers = [layer for layer in (cfg.MODEL.ALGM.LOCAL_LAYER, cfg.MODEL.ALGM.GLOBAL_LAYER) if layer is not None]
+    if args.all_layers:
+        layers = list(range(1, backbone.depth + 1))
     loader = build_train_loader(cfg, total_batch_size=args.batch_size, rank=0, world_size=1)
     normalize = model._normalize  # noqa: SLF001 - the model's own pixel normalization
 
@@ -51,7 +57,7 @@ def main(argv=None) -> None:  # noqa: ANN001
         for batch in loader:
             yield torch.stack([normalize(item["image"]) for item in batch])
 
-    result = calibrate_thresholds(model.net.encoder, batches(), layers, max_images=args.num_images)
+    result = calibrate_thresholds(backbone, batches(), layers, max_images=args.num_images)
     result["config_file"] = args.config_file
     save_json(args.output, result)
     print(json.dumps(result, indent=1))  # the CLI's result

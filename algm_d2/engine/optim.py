@@ -7,23 +7,23 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-# Encoder embeddings (layer 0 for layer decay) and encoder blocks (layer i + 1); parameter names as in
-# SemanticSegmentor: net.encoder.{patch_embed, cls_token, pos_embed, blocks.<i>.*}.
-_EMBEDDING = re.compile(r"(^|\.)encoder\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
-_BLOCK = re.compile(r"(^|\.)encoder\.blocks\.(\d+)\.")
+# ViT embeddings (layer 0 for layer decay) and ViT blocks (layer i + 1); parameter names as in SemanticSegmentor:
+# net.encoder.* (Segmenter) or net.backbone.* (Mask2Former, ViT-Adapter: its own parts are not decayed, as EVA's).
+_EMBEDDING = re.compile(r"(^|\.)(encoder|backbone)\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
+_BLOCK = re.compile(r"(^|\.)(encoder|backbone)\.blocks\.(\d+)\.")
 # Tokens and embeddings that are never decayed, whatever their shape.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "cls_emb")
 OPTIMIZERS = ("SGD", "AdamW")
 
 
 def get_vit_layer_id(name: str, num_layers: int) -> int:
-    """Layer of a parameter for layer decay: encoder embeddings 0, encoder block i → i + 1, everything else (final
-    norm, decoder) → num_layers + 1."""
+    """Layer of a parameter for layer decay: ViT embeddings 0, ViT block i → i + 1, everything else (final norm,
+    adapter, decoder) → num_layers + 1."""
     if _EMBEDDING.search(name):
         return 0
     match = _BLOCK.search(name)
     if match:
-        return int(match.group(2)) + 1
+        return int(match.group(3)) + 1
     return num_layers + 1
 
 
@@ -55,8 +55,10 @@ def layer_decay_param_groups(model: nn.Module, *, base_lr: float, weight_decay: 
 
 
 def encoder_depth(model: nn.Module) -> int:
-    """Number of ViT blocks at ``model.net.encoder.blocks`` (0 when the model has none)."""
-    blocks = getattr(getattr(getattr(model, "net", None), "encoder", None), "blocks", None)
+    """Number of ViT blocks at ``model.net.backbone.blocks`` or ``model.net.encoder.blocks`` (0 if neither)."""
+    net = getattr(model, "net", None)
+    vit = getattr(net, "backbone", None) or getattr(net, "encoder", None)
+    blocks = getattr(vit, "blocks", None)
     return len(blocks) if blocks is not None else 0
 
 

@@ -2,7 +2,8 @@
 
 ``model(batched_inputs)`` takes a list of dicts with ``"image"`` (uint8 ``[3, H, W]`` RGB), in training
 ``"sem_seg"`` (long ``[H, W]``, ignore 255), in inference ``"height"``/``"width"`` (the original size). Training
-returns ``{"loss_sem_seg": ...}``; inference returns ``[{"sem_seg": probabilities [K, height, width]}]``. Test-time
+returns ``{"loss_sem_seg": ...}`` (cross-entropy), or the net's own losses when it has ``losses(images, targets)``;
+inference returns ``[{"sem_seg": probabilities [K, height, width]}]``. Test-time
 inference is whole-image or sliding-window (the release's), optionally multi-scale and flipped.
 """
 from __future__ import annotations
@@ -92,16 +93,23 @@ class SemanticSegmentor(nn.Module):
         images_t = torch.stack([F.pad(i, (0, width - i.shape[-1], 0, height - i.shape[-2])) for i in images])
         targets_t = torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=self.ignore_value)
                                  for t in targets]).long()
+        if hasattr(self.net, "losses"):  # set-prediction networks (Mask2Former) bring their own criterion
+            losses = self.net.losses(images_t, targets_t)
+            self._record_stats()
+            return losses
         logits = self._run(images_t)
         loss = F.cross_entropy(logits.float(), targets_t, ignore_index=self.ignore_value)
         return {"loss_sem_seg": loss}
 
     def _run(self, images: Tensor) -> Tensor:
         logits = self.net(images)
+        self._record_stats()
+        return logits
+
+    def _record_stats(self) -> None:
         stats = getattr(self.net, "merge_stats", None)
         if stats:
             self._forward_stats.append(stats)
-        return logits
 
     @torch.no_grad()
     def inference(self, image: Tensor, output_size: Tuple[Optional[int], Optional[int]]) -> Tensor:
@@ -120,7 +128,9 @@ class SemanticSegmentor(nn.Module):
                 view = scaled.flip(-1) if flip else scaled
                 logits = self._slide(view) if self.test_mode == "slide" else self._run(view)
                 logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-                probs = (logits.flip(-1) if flip else logits)[0].softmax(0)
+                probs = (logits.flip(-1) if flip else logits)[0]
+                # Mask2Former's scores are already probability-like (softmax(class) × sigmoid(mask)).
+                probs = probs if getattr(self.net, "output_kind", "logits") == "probabilities" else probs.softmax(0)
                 total = probs if total is None else total + probs
                 runs += 1
         return total / runs
