@@ -76,4 +76,4 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
 
     num_tokens = p + counts + (h * w - kh * kw * counts)
     kept = [p + c + h * w - kh * kw * c for c in counts_host]
-    return state.apply(x, dest, num_tokens, max(kept), min(kept) != max(kept))
+    return state.apply(x, dest, num_tokens, max(kept), min(kept) != max(kept), total_tokens=sum(kept))

@@ -123,6 +123,10 @@ class ALGMConfig:
     def enabled(self) -> bool:
         return self.local_active or self.global_active
 
+    def merges_at(self, layer: int) -> bool:
+        """Whether a stage runs after the attention of 1-based ``layer``."""
+        return (self.local_active and layer == self.local_layer) or (self.global_active and layer == self.global_layer)
+
     def check_depth(self, depth: int) -> None:
         """Raise ValueError if an active stage's layer does not exist in a model of ``depth`` blocks."""
         for name, active in (("local_layer", self.local_active), ("global_layer", self.global_active)):

@@ -54,5 +54,5 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     dest[:, 1::2] = dest_b
 
     num_tokens = p + kept_a_total[:, 0] + b_ok.sum(1)
-    seq_len, padded = sequence_length(num_tokens)
-    return state.apply(x, dest, num_tokens, seq_len, padded)
+    seq_len, padded, total = sequence_length(num_tokens)
+    return state.apply(x, dest, num_tokens, seq_len, padded, total_tokens=total)

@@ -72,7 +72,7 @@ def top_rank(scores: Tensor, k: int) -> Tensor:
     return ranks_from_order(scores.topk(k, dim=1).indices, scores.shape[1])
 
 
-def sequence_length(num_tokens: Tensor) -> Tuple[int, bool]:
-    """(max tokens, whether images differ) with one host sync."""
-    high, low = torch.stack([num_tokens.max(), num_tokens.min()]).tolist()
-    return int(high), high != low
+def sequence_length(num_tokens: Tensor) -> Tuple[int, bool, int]:
+    """(max tokens, whether images differ, total tokens) with one host sync."""
+    high, low, total = torch.stack([num_tokens.max(), num_tokens.min(), num_tokens.sum()]).tolist()
+    return int(high), high != low, int(total)

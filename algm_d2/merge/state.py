@@ -36,6 +36,8 @@ class MergeState:
         merged: whether any merge has been applied (CLAP needs the unmerged grid).
         history: ``num_tokens`` after each block so far, appended by the backbone (shared by the states of one
             forward pass); read it through :meth:`tokens_per_layer`.
+        total_tokens: sum of ``num_tokens`` as a host int when known (the merge stages learn it with their one host
+            sync), else None; packed layouts need it.
     """
 
     grid_size: Tuple[int, int]
@@ -47,6 +49,7 @@ class MergeState:
     padded: bool = False
     merged: bool = False
     history: List[Tensor] = field(default_factory=list)
+    total_tokens: Optional[int] = None
 
     @classmethod
     def initial(cls, batch: int, grid_size: Tuple[int, int], num_prefix: int, device: torch.device,
@@ -61,7 +64,7 @@ class MergeState:
         grid = torch.stack([rows, cols], dim=-1).reshape(n, 2)
         positions = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid]).expand(batch, -1, -1)
         num_tokens = torch.full((batch,), num_prefix + n, device=device, dtype=torch.long)
-        return cls(tuple(grid_size), num_prefix, index_map, sizes, positions, num_tokens)
+        return cls(tuple(grid_size), num_prefix, index_map, sizes, positions, num_tokens, total_tokens=batch * (num_prefix + n))
 
     @property
     def seq_len(self) -> int:
@@ -85,11 +88,12 @@ class MergeState:
             bias = torch.zeros_like(sizes).masked_fill_(sizes == 0, float("-inf"))
         return bias[:, None, None, :]
 
-    def apply(self, x: Tensor, dest: Tensor, num_tokens: Tensor, seq_len: int, padded: bool
-              ) -> Tuple[Tensor, "MergeState"]:
+    def apply(self, x: Tensor, dest: Tensor, num_tokens: Tensor, seq_len: int, padded: bool,
+              total_tokens: Optional[int] = None) -> Tuple[Tensor, "MergeState"]:
         """Merge ``x`` ``[B, T, C]`` by the plan ``dest`` ``[B, T]``: slots ``< seq_len`` are kept, ``T`` is the trash.
 
-        ``num_tokens`` ``[B]`` are the valid tokens each image keeps and ``seq_len`` their maximum. The sums run in
+        ``num_tokens`` ``[B]`` are the valid tokens each image keeps, ``seq_len`` their maximum and ``total_tokens``
+        their sum (host int, optional). The sums run in
         float32 whatever ``x``'s dtype (bf16 cannot add many members exactly). Returns the merged tokens
         ``[B, seq_len, C]`` (size-weighted means, in ``x``'s dtype) and the new state.
         """
@@ -111,6 +115,7 @@ class MergeState:
             padded=padded,
             merged=True,
             history=self.history,
+            total_tokens=total_tokens,
         )
         return (out[..., :c] / denom).to(x.dtype), state
 

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
+from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
+from ..ops.varlen_attention import varlen_attention
 from ..registry import BACKBONE_REGISTRY
 from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
@@ -59,10 +61,12 @@ class ALGMViT(nn.Module):
         pos_embed_interp: how the absolute position embedding is resized to another grid ("bilinear" as
             Segmenter, "bicubic" as timm).
         activation_checkpointing: recompute the attention and MLP halves of each block in backward when training.
+        packed_attention: run padded per-image batches on their valid tokens only, with variable-length attention
+            (inference; see :meth:`_packs`); False keeps the padded batch with a key mask.
     """
 
     def __init__(self, *, vit: nn.Module, algm: ALGMConfig = OFF, pos_embed_interp: str = "bicubic",
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, packed_attention: bool = True) -> None:
         super().__init__()
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise TypeError(f"expected a timm VisionTransformer or Eva, got {type(vit).__name__}")
@@ -92,6 +96,7 @@ class ALGMViT(nn.Module):
         self.algm = algm
         self.pos_embed_interp = pos_embed_interp
         self.activation_checkpointing = activation_checkpointing
+        self.packed_attention = packed_attention
 
     @classmethod
     def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
@@ -168,11 +173,24 @@ class ALGMViT(nn.Module):
         """Run blocks ``start..end-1`` (0-based) on ``stream`` in place, merging where its ALGM config says.
 
         Adapters interleave their own steps between block ranges; the stream carries the merged tokens, the state and
-        the attention inputs derived from it (key bias, RoPE at mean positions) across calls.
+        the attention inputs derived from it (key bias, RoPE at mean positions) across calls. A padded per-image batch
+        runs packed (valid tokens only, variable-length attention) where :meth:`_packs` allows; the tokens stay packed
+        from block to block and are unpacked for a merge or at the end.
         """
+        packed: Optional[Tensor] = None
         for index in range(start, end):
             layer = index + 1
-            x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.bias, stream.rope)
+            if self._packs(stream, index, observer):
+                layout = stream.layout
+                packed = layout.pack(stream.x) if packed is None else packed
+                packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
+                if not stream.algm.merges_at(layer):
+                    packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
+                    stream.state.record_layer()
+                    continue
+                x, packed = layout.unpack(packed), None
+            else:
+                x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.bias, stream.rope)
             if observer is not None:
                 observer(layer, x, stream.state)
             previous = stream.state
@@ -181,6 +199,27 @@ class ALGMViT(nn.Module):
                 stream.refresh_attention_inputs(x, self.num_prefix_tokens)
             stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
             stream.state.record_layer()
+        if packed is not None:
+            stream.x = stream.layout.unpack(packed)
+
+    def _packs(self, stream: "TokenStream", index: int, observer: Optional[Observer]) -> bool:
+        """Whether block ``index`` runs on packed tokens: a padded per-image batch in inference, a plain ViT block
+        (EVA's RoPE/fused-bias attention and gated attention stay padded), no key bias (proportional attention needs
+        one, flash varlen has none) and no observer (it reads the padded batch)."""
+        block = self.blocks[index]
+        return (self.packed_attention and stream.layout is not None and not self.training and observer is None
+                and not stream.algm.prop_attn and self.kinds[index] == "vit"
+                and getattr(block.attn, "gate", None) is None)
+
+    def _packed_attention_residual(self, index: int, x: Tensor, layout: PackedLayout) -> Tensor:
+        """``x + attn(norm1(x))`` on packed tokens ``[total, C]``: timm's attention parts, variable-length kernel."""
+        block = self.blocks[index]
+        attn = block.attn
+        total = x.shape[0]
+        q, k, v = attn.qkv(block.norm1(x)).view(total, 3, attn.num_heads, attn.head_dim).unbind(1)
+        out = varlen_attention(attn.q_norm(q), attn.k_norm(k), v, layout).reshape(total, -1)
+        out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+        return x + block.drop_path1(block.ls1(out))
 
     def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
                 ) -> Tuple[Tensor, MergeState]:
@@ -204,6 +243,7 @@ class TokenStream:
         algm: the ALGM config of this forward pass.
         bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged.
         grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
+        layout: where the valid tokens of a padded per-image batch sit when packed, else None.
     """
 
     x: Tensor
@@ -213,10 +253,14 @@ class TokenStream:
     grid_rope: Optional[Tensor] = None
     rope: Optional[Tensor] = None
     phases: Optional[RotaryPhases] = None
+    layout: Optional[PackedLayout] = None
 
     def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
-        """Recompute the key bias and the RoPE at mean positions after a merge (``x``: the merged tokens)."""
+        """Recompute the key bias, the RoPE at mean positions and the packed layout after a merge (``x``: the merged
+        tokens)."""
         self.bias = self.state.attention_bias(self.algm.prop_attn, attention_dtype(x))
+        padded = self.state.padded and self.state.total_tokens is not None
+        self.layout = PackedLayout.from_state(self.state) if padded else None
         if self.grid_rope is not None:
             self.phases = self.phases or RotaryPhases(self.grid_rope, self.state.grid_size)
             self.rope = self.phases.embed(self.state.positions[:, num_prefix:])[:, None]

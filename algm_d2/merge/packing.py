@@ -1,0 +1,61 @@
+"""Packed layout of a per-image merged batch: the valid tokens of all images back to back, no padding.
+
+Under the ``per_image`` policy images keep different numbers of tokens and the batch is padded to the longest.
+Per-token layers (norms, linears, MLPs) then waste work on padding and attention needs a mask, which rules out the
+fastest kernels. Packing keeps only the valid tokens (``[total, C]``) with cumulative sequence offsets, the layout of
+variable-length (flash) attention. Pack and unpack are single gathers, with no host sync (the total is known on the
+host from the merge stage's own sync).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .state import MergeState
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each image's tokens sit in the packed sequence.
+
+    Attributes:
+        cu_seqlens: ``[B + 1]`` int32 cumulative token counts (image b owns rows ``cu[b]:cu[b+1]``).
+        max_seqlen: the longest image (= the padded sequence length).
+        total: all valid tokens (host int).
+        pack_index: ``[total]`` long, row of the flattened padded batch ``[B*T]`` each packed row comes from.
+        unpack_index: ``[B*T]`` long, packed row of each padded slot, ``total`` (a zero row) for padding.
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    total: int
+    pack_index: Tensor
+    unpack_index: Tensor
+
+    @classmethod
+    def from_state(cls, state: MergeState) -> "PackedLayout":
+        if state.total_tokens is None:
+            raise ValueError("the merge state does not know its total token count on the host; cannot pack")
+        device = state.num_tokens.device
+        batch, seq_len = state.sizes.shape
+        counts = state.num_tokens
+        starts = torch.cumsum(counts, 0) - counts
+        cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
+        rows = torch.arange(state.total_tokens, device=device)
+        image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+        pack_index = image * seq_len + rows - starts[image]
+        slot = torch.arange(seq_len, device=device)
+        unpack_index = torch.where(slot < counts[:, None], starts[:, None] + slot, state.total_tokens).flatten()
+        return cls(cu_seqlens, seq_len, state.total_tokens, pack_index, unpack_index)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """Padded ``[B, T, C]`` → packed ``[total, C]``."""
+        return x.flatten(0, 1).index_select(0, self.pack_index)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding."""
+        batch = self.cu_seqlens.shape[0] - 1
+        rows = torch.cat([packed, packed.new_zeros(1, packed.shape[-1])])
+        return rows.index_select(0, self.unpack_index).view(batch, self.max_seqlen, packed.shape[-1])
