@@ -77,3 +77,38 @@ def test_packed_padded_and_unbatched_per_image_runs_agree(global_rule, monkeypat
     for b, n in enumerate(counts):
         torch.testing.assert_close(packed[b, :n], padded[b, :n], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed[b, :n], alone[b][0], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2000), st.floats(0, 1), st.integers(0, 3000))
+def test_host_fixed_count_equals_the_device_rule(candidates, fraction, count):
+    from algm_d2.merge.rules import fixed_count, merge_counts
+
+    scores = torch.zeros(1, candidates)
+    for rule in (FixedLevel(fraction=fraction), FixedLevel(count=count)):
+        assert fixed_count(candidates, rule) == int(merge_counts(scores, None, rule, "min", 1)[0])
+
+
+def test_fixed_levels_merge_without_a_host_sync(monkeypatch):
+    """The paper-level benchmark setting: counts and lengths are known on the host, nothing reads the device."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, embed_dim=48,
+                            depth=4, num_heads=3)
+    algm = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
+                      global_threshold=FixedLevel(fraction=0.4))
+    model = apply_algm(vit, algm).eval()
+    images = torch.randn(2, 3, 64, 96)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    with torch.no_grad():
+        expected, _ = model(images, algm=ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.0,
+                                                    global_threshold=0.0, batch_policy="min"))
+        for name in ("tolist", "item", "__bool__", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, host_sync)
+        tokens, state = model(images)
+    monkeypatch.undo()
+    # 4×6 grid: 6 windows, 3 merged → 1 + 24 - 12 + 3 = 16 tokens; GBM: 7 A candidates × 0.4 → 3 merged → 13.
+    assert tokens.shape[1] == 13 and state.tokens_per_layer()[-1] == [13, 13]
+    assert expected.shape[1] < tokens.shape[1]  # τ = 0 merges more: the fixed level was applied, not a threshold

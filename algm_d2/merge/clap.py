@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Rule
-from .rules import merge_counts, top_rank
+from .config import FixedLevel, Rule
+from .rules import fixed_count, merge_counts, top_rank
 from .state import MergeState
 
 
@@ -61,8 +61,13 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
     b, t, c = x.shape
     p = state.num_prefix
     scores = window_similarity(x[:, p:].reshape(b, h, w, c), window).flatten(1)
-    counts = merge_counts(scores, None, rule, policy, layer)
-    counts_host = counts.tolist()  # the one host sync: topk needs k, and the output length follows from counts
+    if isinstance(rule, FixedLevel):  # the same count for every image, known on the host: no sync
+        count = fixed_count(scores.shape[1], rule)
+        counts_host = [count] * b
+        counts = torch.full((b,), count, dtype=torch.long, device=x.device)
+    else:
+        counts = merge_counts(scores, None, rule, policy, layer)
+        counts_host = counts.tolist()  # the one host sync: topk needs k, and the output length follows from counts
     rank = top_rank(scores, max(counts_host))
     merged_window = rank < counts[:, None]
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Rule
-from .rules import descending_rank, merge_counts, sequence_length
+from .config import FixedLevel, Rule
+from .rules import descending_rank, fixed_count, merge_counts, sequence_length
 from .state import MergeState
 
 
@@ -38,7 +38,15 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     scores = scores.masked_fill(~b_ok[:, None, :], float("-inf"))
     best, best_index = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, float("-inf"))
-    counts = merge_counts(best, a_ok, rule, policy, layer)
+    # A fixed level on an unpadded batch: every image has the same candidates, so the count and the output length
+    # are known on the host and the stage needs no sync.
+    uniform = isinstance(rule, FixedLevel) and not state.padded
+    if uniform:
+        num_a, num_b = (t + 1) // 2 - (p + 1) // 2, t // 2 - p // 2
+        count = fixed_count(num_a, rule)
+        counts = torch.full((b,), count, dtype=torch.long, device=device)
+    else:
+        counts = merge_counts(best, a_ok, rule, policy, layer)
     merged_a = (descending_rank(best) < counts[:, None]) & a_ok
     kept_a = a_ok & ~merged_a
 
@@ -54,5 +62,9 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     dest[:, 1::2] = dest_b
 
     num_tokens = p + kept_a_total[:, 0] + b_ok.sum(1)
-    seq_len, padded, total = sequence_length(num_tokens)
+    if uniform:
+        seq_len, padded = p + num_a - count + num_b, False
+        total = b * seq_len
+    else:
+        seq_len, padded, total = sequence_length(num_tokens)
     return state.apply(x, dest, num_tokens, seq_len, padded, total_tokens=total)

@@ -52,6 +52,14 @@ def merge_counts(scores: Tensor, candidates: Optional[Tensor], rule: Rule, polic
     return counts
 
 
+def fixed_count(num_candidates: int, rule: FixedLevel) -> int:
+    """:func:`merge_counts` of a fixed level for images that all have ``num_candidates`` candidates, on the host
+    (same arithmetic: Python's and torch's round both round half to even), so the stage needs no host sync."""
+    if rule.count is not None:
+        return min(num_candidates, rule.count)
+    return round(num_candidates * rule.fraction)
+
+
 def ranks_from_order(order: Tensor, size: int) -> Tensor:
     """Invert a per-row ordering of (some of) ``size`` entries: entry ``order[b, j]`` gets rank j, others ``size``."""
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
