@@ -112,3 +112,14 @@ def test_fixed_levels_merge_without_a_host_sync(monkeypatch):
     # 4×6 grid: 6 windows, 3 merged → 1 + 24 - 12 + 3 = 16 tokens; GBM: 7 A candidates × 0.4 → 3 merged → 13.
     assert tokens.shape[1] == 13 and state.tokens_per_layer()[-1] == [13, 13]
     assert expected.shape[1] < tokens.shape[1]  # τ = 0 merges more: the fixed level was applied, not a threshold
+
+
+def test_a_plan_that_merges_nothing_reorders_exactly_as_the_general_scatter():
+    state = MergeState.initial(2, (3, 4), 1, torch.device("cpu"))
+    x = torch.randn(2, 13, 5).to(torch.bfloat16)
+    dest = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(12) + 1]) for _ in range(2)])
+    moved, moved_state = state.permute(x, dest)
+    merged, merged_state = state.apply(x, dest, state.num_tokens, 13, False)
+    assert torch.equal(moved, merged)
+    for field in ("index_map", "sizes", "positions"):
+        assert torch.equal(getattr(moved_state, field), getattr(merged_state, field))

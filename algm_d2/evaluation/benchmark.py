@@ -32,7 +32,7 @@ PAPER_GLOBAL_FRACTION = 125 / 416
 def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: float = 0.88
                       ) -> Dict[str, ALGMConfig]:
     """The settings the speed issue compares: plain, the release's rule (both policies), the paper's token
-    level, and both stages on but merging nothing (the merge overhead)."""
+    level, and both stages on but merging nothing (the merge overhead: scoring and the host syncs)."""
     layers = {"local_layer": local_layer, "global_layer": global_layer}
     return {
         "baseline": OFF,
@@ -41,7 +41,8 @@ def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: fl
                                      batch_policy="per_image"),
         "paper_level": ALGMConfig(**layers, local_threshold=FixedLevel(fraction=PAPER_LOCAL_FRACTION),
                                   global_threshold=FixedLevel(fraction=PAPER_GLOBAL_FRACTION)),
-        "level0": ALGMConfig(**layers, local_threshold=FixedLevel(count=0), global_threshold=FixedLevel(count=0)),
+        # τ above any cosine: both stages score every candidate and sync, then merge nothing.
+        "level0": ALGMConfig(**layers, local_threshold=2.0, global_threshold=2.0),
     }
 
 

@@ -60,14 +60,16 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
         raise ValueError(f"window {window} is larger than the {h}x{w} patch grid")
     b, t, c = x.shape
     p = state.num_prefix
-    scores = window_similarity(x[:, p:].reshape(b, h, w, c), window).flatten(1)
     if isinstance(rule, FixedLevel):  # the same count for every image, known on the host: no sync
-        count = fixed_count(scores.shape[1], rule)
+        count = fixed_count((h // kh) * (w // kw), rule)
         counts_host = [count] * b
         counts = torch.full((b,), count, dtype=torch.long, device=x.device)
-    else:
+    scores = window_similarity(x[:, p:].reshape(b, h, w, c), window).flatten(1)
+    if not isinstance(rule, FixedLevel):
         counts = merge_counts(scores, None, rule, policy, layer)
         counts_host = counts.tolist()  # the one host sync: topk needs k, and the output length follows from counts
+    if max(counts_host) == 0:
+        return x, state  # nothing to merge: skip the scatter (the state stays unmerged)
     rank = top_rank(scores, max(counts_host))
     merged_window = rank < counts[:, None]
 

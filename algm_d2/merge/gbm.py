@@ -24,6 +24,12 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     p = state.num_prefix
     if t - p < 2:
         return x, state  # nothing to pair (the release returns early too)
+    # A fixed level on an unpadded batch: every image has the same candidates, so the count and the output length
+    # are known on the host and the stage needs no sync.
+    uniform = isinstance(rule, FixedLevel) and not state.padded
+    if uniform:
+        num_a, num_b = (t + 1) // 2 - (p + 1) // 2, t // 2 - p // 2
+        count = fixed_count(num_a, rule)
     device = x.device
     metric = F.normalize(x, dim=-1)
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)
@@ -38,15 +44,15 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     scores = scores.masked_fill(~b_ok[:, None, :], float("-inf"))
     best, best_index = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, float("-inf"))
-    # A fixed level on an unpadded batch: every image has the same candidates, so the count and the output length
-    # are known on the host and the stage needs no sync.
-    uniform = isinstance(rule, FixedLevel) and not state.padded
     if uniform:
-        num_a, num_b = (t + 1) // 2 - (p + 1) // 2, t // 2 - p // 2
-        count = fixed_count(num_a, rule)
         counts = torch.full((b,), count, dtype=torch.long, device=device)
+        seq_len, padded = p + num_a - count + num_b, False
+        num_tokens, total = torch.full((b,), seq_len, dtype=torch.long, device=device), b * seq_len
     else:
         counts = merge_counts(best, a_ok, rule, policy, layer)
+        num_tokens = p + a_ok.sum(1) - counts + b_ok.sum(1)
+        # The stage's one host sync: the output length, and whether anything merges at all.
+        seq_len, padded, total = sequence_length(num_tokens)
     merged_a = (descending_rank(best) < counts[:, None]) & a_ok
     kept_a = a_ok & ~merged_a
 
@@ -60,11 +66,6 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     dest = torch.empty(b, t, dtype=torch.long, device=device)
     dest[:, 0::2] = dest_a
     dest[:, 1::2] = dest_b
-
-    num_tokens = p + kept_a_total[:, 0] + b_ok.sum(1)
-    if uniform:
-        seq_len, padded = p + num_a - count + num_b, False
-        total = b * seq_len
-    else:
-        seq_len, padded, total = sequence_length(num_tokens)
+    if seq_len == t and not padded and not state.padded:
+        return state.permute(x, dest)  # nothing merged: only the release's reordering remains
     return state.apply(x, dest, num_tokens, seq_len, padded, total_tokens=total)

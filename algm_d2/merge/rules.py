@@ -55,6 +55,7 @@ def merge_counts(scores: Tensor, candidates: Optional[Tensor], rule: Rule, polic
 def fixed_count(num_candidates: int, rule: FixedLevel) -> int:
     """:func:`merge_counts` of a fixed level for images that all have ``num_candidates`` candidates, on the host
     (same arithmetic: Python's and torch's round both round half to even), so the stage needs no host sync."""
+    num_candidates = int(num_candidates)  # a traced size (jit tracing for FLOP counts) becomes a plain int
     if rule.count is not None:
         return min(num_candidates, rule.count)
     return round(num_candidates * rule.fraction)

@@ -119,6 +119,19 @@ class MergeState:
         )
         return (out[..., :c] / denom).to(x.dtype), state
 
+    def permute(self, x: Tensor, dest: Tensor) -> Tuple[Tensor, "MergeState"]:
+        """Apply a plan that merges nothing (``dest`` a permutation of the slots): a reorder in ``x``'s own dtype,
+        the same result as :meth:`apply` without its float32 sums."""
+        def move(values: Tensor) -> Tensor:
+            index = dest.view(*dest.shape, *([1] * (values.dim() - 2))).expand_as(values)
+            return torch.empty_like(values).scatter_(1, index, values)
+
+        state = MergeState(grid_size=self.grid_size, num_prefix=self.num_prefix,
+                           index_map=dest.gather(1, self.index_map), sizes=move(self.sizes),
+                           positions=move(self.positions), num_tokens=self.num_tokens, padded=False, merged=True,
+                           history=self.history, total_tokens=self.total_tokens)
+        return move(x), state
+
     def unmerge(self, tokens: Tensor) -> Tensor:
         """Restore the grid: ``tokens`` ``[B, T, C]`` (full sequence) → ``[B, H*W, C]``, each cell its slot's value."""
         return tokens.gather(1, self.index_map[..., None].expand(-1, -1, tokens.shape[-1]))
