@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model  # noqa: E402
 from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
 from algm_d2.evaluation import save_json  # noqa: E402
-from algm_d2.evaluation.benchmark import PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, standard_settings  # noqa: E402
+from algm_d2.evaluation.benchmark import (  # noqa: E402
+    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, standard_settings,
+)
 from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -52,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--flops-images", type=int, default=2, help="images whose GFLOPs are counted (0: skip)")
+    parser.add_argument("--output", choices=OUTPUTS, default="logits",
+                        help="time full-resolution logits (default) or the evaluation's argmax labels (fused)")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
@@ -111,7 +117,8 @@ def main(argv=None) -> None:  # noqa: ANN001
     net = net.to(device)
     report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
-                           flops_images=args.flops_images, progress=sys.stderr.isatty())
+                           flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
+                           compile_mode=args.compile)
     report["config"].update({"model": args.checkpoint or f"segmenter_{args.variant} (random weights)",
                              "images": args.images, "command": " ".join(sys.argv)})
     out = Path(args.output_dir)

@@ -295,19 +295,28 @@ class Trainer:
         names = sorted(window[-1])
         values = torch.tensor([sum(losses[n] for losses in window) / len(window) for n in names],
                               dtype=torch.float64, device=self.engine.device)
+        on_cuda = self.engine.device.type == "cuda"
+        # detectron2's max_mem: the peak allocated memory of the busiest rank (MB).
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.engine.device) / 2**20 if on_cuda else 0.0],
+                            dtype=torch.float64, device=self.engine.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world_size
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if self.rank != 0:
             return
         losses = dict(zip(names, values.cpu().tolist()))
         record = {"iteration": step, "total_loss": sum(losses.values()), **losses,
                   "lr": self.last_lr, "time": seconds_per_iter, "data_time": data_time,
                   "eta_seconds": eta_seconds}
+        if on_cuda:
+            record["max_mem_mb"] = float(peak)
         self.events.write(record, group="train")
-        logger.info("iter: %d/%d  %s  lr: %.4g  time: %.4f  data_time: %.4f  eta: %s", step, self.cfg.SOLVER.MAX_ITER,
+        logger.info("iter: %d/%d  %s  lr: %.4g  time: %.4f  data_time: %.4f  eta: %s%s", step,
+                    self.cfg.SOLVER.MAX_ITER,
                     "  ".join(f"{name}: {record[name]:.4f}" for name in ("total_loss", *names)), record["lr"],
-                    seconds_per_iter, data_time, datetime.timedelta(seconds=int(eta_seconds)))
+                    seconds_per_iter, data_time, datetime.timedelta(seconds=int(eta_seconds)),
+                    f"  max_mem: {record['max_mem_mb']:.0f}M" if on_cuda else "")
 
     def export_final_weights(self) -> Path:
         """OUTPUT_DIR/model_final.pth: the last checkpoint's full float32 weights (``{"model": state dict}``),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("repeat", "mixed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUTS = ("logits", "labels")
 # The paper's Seg-S token counts at 512² (1025 → 833 after CLAP → 708 after GBM) as fractions of the candidates:
 # 64 of 256 windows, 125 of 416 A-side tokens. The same fractions give the paper's level for other sizes.
 PAPER_LOCAL_FRACTION = 64 / 256
@@ -65,15 +66,30 @@ def _token_summary(stats_per_batch: Sequence[Mapping[str, Any]]) -> Dict[str, An
             "max_tokens_per_layer": [int(max(layer)) for layer in per_layer]}
 
 
+def static_shapes(algm: ALGMConfig) -> bool:
+    """Whether every forward at one input size has the same token counts (no data-dependent shapes): the plain
+    model and fixed merge levels. Such settings compile to one graph and can be captured as CUDA graphs."""
+    rules = [r for r, active in ((algm.local_threshold, algm.local_active), (algm.global_threshold, algm.global_active))
+             if active]
+    return all(isinstance(rule, FixedLevel) for rule in rules)
+
+
 def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGMConfig], batch_size: int = 32,
                   precision: str = "bf16", protocols: Sequence[str] = PROTOCOLS, warmup: int = 50,
-                  iters: int = 100, latency: bool = True, flops_images: int = 4, progress: bool = False
-                  ) -> Dict[str, Any]:
+                  iters: int = 100, latency: bool = True, flops_images: int = 4, progress: bool = False,
+                  output: str = "logits", compile_mode: Optional[str] = None) -> Dict[str, Any]:
     """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
 
+    ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
+    (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
+    "reduce-overhead" = CUDA graphs) compiles the forward of settings with :func:`static_shapes`; the others run
+    eagerly (their merges sync with the host).
+
     Returns {"config": {...}, "results": {setting: {"protocols": {protocol: throughput + tokens}, "latency_ms",
-    "gflops_per_image", "tokens_by_image"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}}}.
+    "gflops_per_image", "compiled"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}}}.
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     unknown = set(protocols) - set(PROTOCOLS)
@@ -85,7 +101,12 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     results: Dict[str, Any] = {}
     for name, algm in settings.items():
         net.set_algm(algm)
-        entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {}}
+        forward = net.predict_labels if output == "labels" else net.forward
+        compiled = compile_mode is not None and static_shapes(algm)
+        if compiled:
+            torch._dynamo.reset()  # a fresh cache per setting: the merge levels are baked into the graph
+            forward = torch.compile(forward, mode=compile_mode)
+        entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {}, "compiled": compile_mode if compiled else None}
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for protocol in protocols:
                 batches = _batches(images, batch_size, protocol)
@@ -94,14 +115,14 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                     net(batch)
                     stats.append(net.merge_stats)
                 cycle = itertools.cycle(batches)
-                timing = measure_throughput(lambda _: net(next(cycle)), None, warmup=warmup, iters=iters,
+                timing = measure_throughput(lambda _: forward(next(cycle)), None, warmup=warmup, iters=iters,
                                             device=device, batch_size=batch_size, progress=progress)
                 entry["protocols"][protocol] = {**timing, "tokens": _token_summary(stats)}
             if latency:
                 singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
-                entry["latency_ms"] = measure_throughput(lambda _: net(next(singles)), None, warmup=max(warmup // 5, 1),
-                                                         iters=max(iters // 2, 1), device=device,
-                                                         batch_size=1)["ms_per_batch_median"]
+                entry["latency_ms"] = measure_throughput(lambda _: forward(next(singles)), None,
+                                                         warmup=max(warmup // 5, 1), iters=max(iters // 2, 1),
+                                                         device=device, batch_size=1)["ms_per_batch_median"]
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
         entry["gflops_per_image"] = float(np.mean(counted)) if counted else None
         results[name] = entry
@@ -113,6 +134,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         ratios = {name: {p: r["protocols"][p]["images_per_second"] / base[p]["images_per_second"] for p in protocols}
                   for name, r in results.items()}
     return {"config": {"batch_size": batch_size, "precision": precision, "protocols": list(protocols),
+                       "output": output, "compile_mode": compile_mode,
                        "warmup": warmup, "iters": iters, "num_images": int(images.shape[0]),
                        "image_size": list(images.shape[-2:]), "device": _device_name(device)},
             "results": results, "ratios": ratios}
