@@ -27,7 +27,7 @@ from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model  # 
 from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
 from algm_d2.evaluation import save_json  # noqa: E402
 from algm_d2.evaluation.benchmark import (  # noqa: E402
-    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, standard_settings,
+    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, standard_settings,
 )
 from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
 
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--flops-images", type=int, default=2, help="images whose GFLOPs are counted (0: skip)")
     parser.add_argument("--output", choices=OUTPUTS, default="logits",
                         help="time full-resolution logits (default) or the evaluation's argmax labels (fused)")
+    parser.add_argument("--mfu", action="store_true",
+                        help="also measure the plain encoder's TFLOP/s against the measured matmul ceiling")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +121,10 @@ def main(argv=None) -> None:  # noqa: ANN001
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
                            flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
                            compile_mode=args.compile)
+    if args.mfu:
+        report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
+                                                            precision=args.precision)
+        logger.info("encoder utilisation: %s", report["encoder_utilisation"])
     report["config"].update({"model": args.checkpoint or f"segmenter_{args.variant} (random weights)",
                              "images": args.images, "command": " ".join(sys.argv)})
     out = Path(args.output_dir)

@@ -164,3 +164,35 @@ def benchmark_table(report: Mapping[str, Any], local_layer: int = 1, global_laye
                 f"{entry['latency_ms']:.2f}" if entry.get("latency_ms") is not None else "—",
                 f"{peak:.0f}" if peak else "—"))
     return "\n".join(rows)
+
+
+def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
+                          iters: int = 20) -> float:
+    """The measured dense matmul rate (TFLOP/s, 2 FLOPs per multiply-add) of ``size``³ products on ``device``:
+    the ceiling model FLOP utilisation is quoted against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = measure_throughput(lambda _: a @ b, None, warmup=5, iters=iters, device=device, batch_size=1)
+    return 2 * size ** 3 / (timing["ms_per_batch_median"] / 1000) / 1e12
+
+
+def encoder_utilisation(encoder: nn.Module, images: Tensor, *, precision: str = "bf16", warmup: int = 10,
+                        iters: int = 30) -> Dict[str, float]:
+    """The plain ViT encoder's achieved TFLOP/s (analytic multiply-adds ×2, attention included) and its fraction of
+    the measured matmul ceiling in the same dtype."""
+    from .flop_count import vit_encoder_macs  # noqa: PLC0415 - only here
+
+    dtype = PRECISIONS[precision] or torch.float32
+    device = images.device
+    patch = encoder.patch_size[0]
+    macs = vit_encoder_macs(num_patches=(images.shape[-2] // patch) * (images.shape[-1] // patch),
+                            embed_dim=encoder.embed_dim, depth=encoder.depth,
+                            mlp_hidden_dim=encoder.blocks[0].mlp.fc1.out_features, patch_size=patch,
+                            num_prefix_tokens=encoder.num_prefix_tokens, batch_size=images.shape[0])
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        timing = measure_throughput(lambda _: encoder(images, algm=OFF), None, warmup=warmup, iters=iters,
+                                    device=device, batch_size=images.shape[0])
+    achieved = 2 * macs / (timing["ms_per_batch_median"] / 1000) / 1e12
+    ceiling = matmul_ceiling_tflops(device, dtype)
+    return {"encoder_tflops": achieved, "matmul_ceiling_tflops": ceiling, "utilisation": achieved / ceiling,
+            "encoder_images_per_second": timing["images_per_second"]}
