@@ -120,9 +120,12 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                 entry["protocols"][protocol] = {**timing, "tokens": _token_summary(stats)}
             if latency:
                 singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
+                # Warm up on every image at least once: token counts (shapes) differ per image, and a shape's
+                # first run is not the steady state.
                 entry["latency_ms"] = measure_throughput(lambda _: forward(next(singles)), None,
-                                                         warmup=max(warmup // 5, 1), iters=max(iters // 2, 1),
-                                                         device=device, batch_size=1)["ms_per_batch_median"]
+                                                         warmup=max(warmup // 5, 2 * images.shape[0]),
+                                                         iters=max(iters // 2, 1), device=device,
+                                                         batch_size=1)["ms_per_batch_median"]
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
         entry["gflops_per_image"] = float(np.mean(counted)) if counted else None
         results[name] = entry
