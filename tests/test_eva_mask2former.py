@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from algm_d2.checkpoint import CheckpointMismatchError, load_model_weights
 from algm_d2.config import get_cfg
