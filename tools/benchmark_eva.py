@@ -30,6 +30,7 @@ from algm_d2.config import get_cfg  # noqa: E402
 from algm_d2.evaluation import count_gflops  # noqa: E402
 from algm_d2.merge import OFF, ALGMConfig, FixedLevel  # noqa: E402
 from algm_d2.modeling import build_model  # noqa: E402
+from algm_d2.modeling.ops.msda import MSDeformAttn  # noqa: E402
 
 logger = logging.getLogger("benchmark_eva")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,7 +71,8 @@ class SectionTimer:
 
 @contextmanager
 def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
-    """Mark: ViT blocks (each ``run_blocks`` call) vs the adapter around them; pixel decoder; transformer decoder."""
+    """Mark: ViT blocks (each ``run_blocks`` call) vs the adapter around them; pixel decoder; transformer decoder
+    (with the prediction heads and the semantic inference after it)."""
     backbone, head = net.backbone, net.decode_head
     run_blocks = backbone.run_blocks
 
@@ -84,8 +86,8 @@ def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
                 module.register_forward_hook(lambda *_: timer.mark(after))]
 
     backbone.run_blocks = timed_blocks
-    hooks = (label_hooks(head.pixel_decoder, "pixel_decoder", "head_other")
-             + label_hooks(head.transformer_decoder, "transformer_decoder", "head_other"))
+    # the head runs the decoder layers itself after the pixel decoder: everything after it is the decoder
+    hooks = label_hooks(head.pixel_decoder, "pixel_decoder", "transformer_decoder")
     try:
         yield
     finally:
@@ -120,14 +122,22 @@ def time_forward(net: torch.nn.Module, images: torch.Tensor, warmup: int, iters:
 
 
 def gflops_by_part(net: torch.nn.Module, image: torch.Tensor) -> Dict[str, Any]:
-    counted = count_gflops(net, (image,), module_depth=2)
-    by_module = counted.get("by_module", {})
-    vit = sum(v for k, v in by_module.items() if k.startswith("backbone.blocks"))
-    parts = {"vit_blocks": vit,
-             "adapter": by_module.get("backbone", 0.0) - vit,
-             "pixel_decoder": by_module.get("decode_head.pixel_decoder", 0.0),
-             "transformer_decoder_and_heads": counted["gflops"] - by_module.get("backbone", 0.0)
-             - by_module.get("decode_head.pixel_decoder", 0.0)}
+    """fvcore multiply-adds by part; deformable sampling (grid_sample) is not counted (its linears are)."""
+    msda = [m for m in net.modules() if isinstance(m, MSDeformAttn)]
+    impls = [m.impl for m in msda]
+    for m in msda:  # the jit trace cannot enter the Triton kernel's autograd function
+        m.impl = "reference"
+    names = ("backbone", "backbone.blocks", "decode_head", "decode_head.pixel_decoder")
+    try:
+        counted = count_gflops(net, (image,), module_names=names)
+    finally:
+        for m, impl in zip(msda, impls):
+            m.impl = impl
+    part = counted["by_name"]
+    parts = {"vit_blocks": part["backbone.blocks"], "adapter": part["backbone"] - part["backbone.blocks"],
+             "pixel_decoder": part["decode_head.pixel_decoder"],
+             "transformer_decoder_and_heads": part["decode_head"] - part["decode_head.pixel_decoder"],
+             "other": counted["gflops"] - part["backbone"] - part["decode_head"]}
     return {"gflops_per_crop": counted["gflops_per_image"], "gflops_by_part": parts,
             "unsupported_ops": counted.get("unsupported_ops")}
 
@@ -182,7 +192,7 @@ def main(argv: List[str] = None) -> None:
     for name, entry in report["results"].items():
         parts = " | ".join(f"{v:.2f}" for v in entry["ms_per_crop_by_part"].values())
         print(f"| {name} | {entry['final_tokens']} | {entry['ms_per_crop']:.2f} | {base / entry['ms_per_crop']:.2f} | "
-              f"{parts} | {entry.get('gflops_per_crop', float('nan')):.0f} | {entry['peak_memory_mb'] or 0:.0f} |")
+              f"{parts} | {entry.get('gflops_per_crop', float('nan')):.4g} | {entry['peak_memory_mb'] or 0:.0f} |")
 
 
 if __name__ == "__main__":

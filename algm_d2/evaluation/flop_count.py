@@ -234,14 +234,15 @@ def _count_torch(model: nn.Module, args: Tuple[Any, ...]) -> Tuple[int, Dict[str
 
 
 def count_gflops(model: nn.Module, inputs: Any, *, backend: str = "fvcore", module_depth: int = 0,
-                 num_images: Optional[int] = None) -> Dict[str, Any]:
+                 num_images: Optional[int] = None, module_names: Sequence[str] = ()) -> Dict[str, Any]:
     """Count multiply-adds of ``model(*inputs)`` (a tuple is the positional arguments, anything else the single
     argument, e.g. a tensor or detectron2's list of dicts) in GMACs, fvcore's "GFLOPs".
 
     Returns {"backend", "macs" (int, the whole batch), "gflops" (the same in 1e9), "gflops_per_image",
     "num_images", "by_operator" {op: gflops}, "by_module" {name: gflops} for modules ``module_depth`` levels deep
-    (1 = the top-level children; omitted when 0), "unsupported_ops" {op: occurrences} (fvcore backend; None for
-    torch)}. ``num_images`` defaults to the first argument's batch dimension (a tensor) or length (a list).
+    (1 = the top-level children; omitted when 0), "by_name" {name: gflops} for the submodules ``module_names``
+    (descendants included, any depth), "unsupported_ops" {op: occurrences} (fvcore backend; None for torch)}.
+    ``num_images`` defaults to the first argument's batch dimension (a tensor) or length (a list).
     """
     if backend not in FLOP_COUNT_BACKENDS:
         raise ValueError(f"count_gflops: backend {backend!r} is not one of {FLOP_COUNT_BACKENDS}")
@@ -267,5 +268,7 @@ def count_gflops(model: nn.Module, inputs: Any, *, backend: str = "fvcore", modu
     }
     if module_depth:
         result["by_module"] = {name: macs / 1e9 for name, macs in _at_depth(by_module, module_depth).items()}
+    if module_names:
+        result["by_name"] = {name: by_module.get(name, 0) / 1e9 for name in module_names}
     result["unsupported_ops"] = unsupported
     return result
