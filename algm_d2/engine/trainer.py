@@ -110,6 +110,11 @@ class Trainer:
             if cfg.MODEL.WEIGHTS:
                 load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
+        if cfg.DEEPSPEED.ZERO_STAGE == 3:
+            # nn.MultiheadAttention reads its out_proj's weight in its own forward: gather the whole module at once.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [torch.nn.MultiheadAttention])
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
             config=ds_config)

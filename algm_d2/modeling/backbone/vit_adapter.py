@@ -33,8 +33,24 @@ def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in its running statistics' dtype, output in the input's.
+
+    DeepSpeed's bf16/fp16 modes cast parameters but not buffers: normalising in the statistics' float32 keeps the
+    running averages exact and avoids mixing dtypes. (The release uses SyncBatchNorm; in evaluation both are this.)
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.running_mean.dtype
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype),
+                           self.bias.to(dtype), self.training, self.momentum, self.eps)
+        return out.to(x.dtype)
+
+
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> List[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class SpatialPriorModule(nn.Module):
@@ -228,7 +244,7 @@ class ViTAdapter(ALGMViT):
             for i in range(len(ranges))
         ])
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(dim) for _ in range(4))
+        self.norm1, self.norm2, self.norm3, self.norm4 = (BatchNorm2d(dim) for _ in range(4))
         self._init_adapter_weights()
 
     @classmethod

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ...merge import MergeState
 from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEAD_REGISTRY, TRANSFORMER_DECODER_REGISTRY
-from .layers import MaskedDecoderLayer, PredictionHeads, sine_position_encoding, sine_position_map
+from .layers import EmbeddingTable, MaskedDecoderLayer, PredictionHeads, sine_position_encoding, sine_position_map
 
 
 def semantic_inference(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
@@ -58,9 +58,9 @@ class Mask2FormerHead(nn.Module):
         self.transformer_decoder = transformer_decoder
         self.num_heads = num_heads
         self.num_levels = num_levels
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
-        self.level_embed = nn.Embedding(num_levels, hidden_dim)
+        self.query_embed = EmbeddingTable(num_queries, hidden_dim)
+        self.query_feat = EmbeddingTable(num_queries, hidden_dim)
+        self.level_embed = EmbeddingTable(num_levels, hidden_dim)
         heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
         self.cls_embed, self.mask_embed = heads.cls_embed, heads.mask_embed
 
@@ -89,13 +89,14 @@ class Mask2FormerHead(nn.Module):
         mask_features, levels = self.pixel_decoder(features)
         b = mask_features.shape[0]
         memories, key_pos = [], []
+        level_embed = self.level_embed()
         for i, level in enumerate(levels):
             h, w = level.shape[-2:]
-            memories.append(level.flatten(2).permute(2, 0, 1) + self.level_embed.weight[i].view(1, 1, -1))
+            memories.append(level.flatten(2).permute(2, 0, 1) + level_embed[i].view(1, 1, -1))
             pos = sine_position_map(b, h, w, level.shape[1] // 2, level.device).to(level.dtype)
             key_pos.append(pos.flatten(2).permute(2, 0, 1))
-        queries = self.query_feat.weight[:, None].repeat(1, b, 1)
-        query_pos = self.query_embed.weight[:, None].repeat(1, b, 1)
+        queries = self.query_feat()[:, None].repeat(1, b, 1)
+        query_pos = self.query_embed()[:, None].repeat(1, b, 1)
         logits, masks, blocked = self._predict(queries, mask_features, levels[0].shape[-2:])
         all_logits, all_masks = [logits], [masks]
         for i, layer in enumerate(self.transformer_decoder.layers):
@@ -129,8 +130,8 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
         self.layers = nn.ModuleList([MaskedDecoderLayer(hidden_dim, num_heads, ffn_dim, dropout)
                                      for _ in range(num_layers)])
         self.post_norm = nn.LayerNorm(hidden_dim)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = EmbeddingTable(num_queries, hidden_dim)
+        self.query_feat = EmbeddingTable(num_queries, hidden_dim)
         self.heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
 
     @classmethod
@@ -162,8 +163,8 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
         sizes = state.sizes[:, p:].to(memory.dtype)
         # log(size): a merged token counts as its members; padding slots (size 0) get -inf.
         key_bias = sizes.log()[:, None, :].expand(-1, self.query_feat.num_embeddings, -1)
-        queries = self.query_feat.weight[:, None].repeat(1, b, 1)
-        query_pos = self.query_embed.weight[:, None].repeat(1, b, 1)
+        queries = self.query_feat()[:, None].repeat(1, b, 1)
+        query_pos = self.query_embed()[:, None].repeat(1, b, 1)
         logits, masks, bias = self._predict(queries, mask_features, key_bias)
         all_logits, all_masks = [logits], [masks]
         for layer in self.layers:

@@ -13,6 +13,17 @@ import torch
 from torch import Tensor, nn
 
 
+class EmbeddingTable(nn.Embedding):
+    """An ``nn.Embedding`` used as a learned table: ``table()`` returns the whole weight ``[N, C]``.
+
+    Reading the weight through the module's own call (not ``.weight`` from a parent) lets DeepSpeed ZeRO-3 gather
+    it, as it gathers parameters module by module.
+    """
+
+    def forward(self) -> Tensor:  # noqa: D401 - the table itself
+        return self.weight
+
+
 class FFN(nn.Module):
     """``x + fc2(relu(fc1(x)))`` (mmcv ``FFN`` with ``add_identity``)."""
 

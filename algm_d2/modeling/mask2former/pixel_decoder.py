@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..ops.msda import MSDeformAttn
 from ..registry import PIXEL_DECODER_REGISTRY
-from .layers import FFN, sine_position_map
+from .layers import FFN, EmbeddingTable, sine_position_map
 
 
 class ConvNorm(nn.Module):
@@ -75,7 +75,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.encoder = DeformableEncoder(num_layers, dim=feat_channels, num_heads=num_heads,
                                          num_levels=num_encoder_levels, num_points=num_points, ffn_dim=ffn_dim,
                                          impl=msda_impl)
-        self.level_encoding = nn.Embedding(num_encoder_levels, feat_channels)
+        self.level_encoding = EmbeddingTable(num_encoder_levels, feat_channels)
         fpn_levels = range(self.num_input_levels - num_encoder_levels - 1, -1, -1)
         self.lateral_convs = nn.ModuleList([ConvNorm(in_channels[i], feat_channels, 1, bias=False, relu=False)
                                             for i in fpn_levels])
@@ -110,12 +110,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         b = features[0].shape[0]
         tokens, positions, shapes, points = [], [], [], []
+        level_encoding = self.level_encoding()
         for i in range(self.num_encoder_levels):
             feat = features[self.num_input_levels - 1 - i]
             h, w = feat.shape[-2:]
             tokens.append(self.input_convs[i](feat).flatten(2).transpose(1, 2))
             pos = sine_position_map(b, h, w, self.feat_channels // 2, feat.device).to(feat.dtype)
-            positions.append((pos + self.level_encoding.weight[i].view(1, -1, 1, 1)).flatten(2).transpose(1, 2))
+            positions.append((pos + level_encoding[i].view(1, -1, 1, 1)).flatten(2).transpose(1, 2))
             shapes.append((h, w))
             ys, xs = torch.meshgrid(torch.arange(h, device=feat.device), torch.arange(w, device=feat.device),
                                     indexing="ij")

@@ -31,6 +31,20 @@ def _level(level: tl.constexpr, h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3):
 
 
 @triton.jit
+def _corner(corner: tl.constexpr, x0, y0, fx, fy):
+    """Corner ``corner`` (0: top-left, 1: top-right, 2: bottom-left, 3: bottom-right) of the bilinear cell:
+    its pixel, its weight, and the signs of d weight / d fx and d weight / d fy."""
+    if corner == 0:
+        return x0, y0, (1.0 - fx) * (1.0 - fy), -(1.0 - fy), -(1.0 - fx)
+    elif corner == 1:
+        return x0 + 1, y0, fx * (1.0 - fy), 1.0 - fy, -fx
+    elif corner == 2:
+        return x0, y0 + 1, (1.0 - fx) * fy, -fy, 1.0 - fx
+    else:
+        return x0 + 1, y0 + 1, fx * fy, fy, fx
+
+
+@triton.jit
 def _msda_fwd(value, loc, attn, out, S, Lq,
               h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3,
               M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
@@ -56,16 +70,11 @@ def _msda_fwd(value, loc, attn, out, S, Lq,
             x0 = x0f.to(tl.int32)
             y0 = y0f.to(tl.int32)
             for corner in tl.static_range(4):
-                dy: tl.constexpr = corner // 2
-                dx: tl.constexpr = corner % 2
-                xi = x0 + dx
-                yi = y0 + dy
-                wx = fx if dx == 1 else 1.0 - fx
-                wy = fy if dy == 1 else 1.0 - fy
+                xi, yi, bilinear, _, _ = _corner(corner, x0, y0, fx, fy)
                 ok = q_ok & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
                 row = (b * S + start + yi * w + xi).to(tl.int64) * M + m
                 v = tl.load(value + row[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                acc += (weight * wx * wy)[:, None] * v
+                acc += (weight * bilinear)[:, None] * v
     tl.store(out + qm.to(tl.int64)[:, None] * D + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
 
 
@@ -98,21 +107,16 @@ def _msda_bwd(value, loc, attn, grad_out, grad_value, grad_loc, grad_attn, S, Lq
             gx = tl.zeros([BLOCK_Q], dtype=tl.float32)  # d sample / d fx, dotted with g
             gy = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for corner in tl.static_range(4):
-                dy: tl.constexpr = corner // 2
-                dx: tl.constexpr = corner % 2
-                xi = x0 + dx
-                yi = y0 + dy
-                wx = fx if dx == 1 else 1.0 - fx
-                wy = fy if dy == 1 else 1.0 - fy
+                xi, yi, bilinear, dbilinear_dfx, dbilinear_dfy = _corner(corner, x0, y0, fx, fy)
                 ok = q_ok & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
                 row = (b * S + start + yi * w + xi).to(tl.int64) * M + m
                 mask = ok[:, None] & d_ok[None, :]
                 v = tl.load(value + row[:, None] * D + d[None, :], mask=mask, other=0.0)
                 gv = tl.sum(g * v, axis=1)
-                sample_grad += wx * wy * gv
-                gx += (1.0 if dx == 1 else -1.0) * wy * gv
-                gy += (1.0 if dy == 1 else -1.0) * wx * gv
-                tl.atomic_add(grad_value + row[:, None] * D + d[None, :], (weight * wx * wy)[:, None] * g, mask=mask)
+                sample_grad += bilinear * gv
+                gx += dbilinear_dfx * gv
+                gy += dbilinear_dfy * gv
+                tl.atomic_add(grad_value + row[:, None] * D + d[None, :], (weight * bilinear)[:, None] * g, mask=mask)
             tl.store(grad_attn + qm * (L * P) + lp, sample_grad, mask=q_ok)
             tl.store(grad_loc + (qm * (L * P) + lp) * 2, weight * gx * w, mask=q_ok)
             tl.store(grad_loc + (qm * (L * P) + lp) * 2 + 1, weight * gy * h, mask=q_ok)
