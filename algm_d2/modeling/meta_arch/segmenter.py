@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ...merge import ALGMConfig, MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..heads.segmenter_heads import MaskTransformer
+from ..ops.upsample_argmax import upsample_argmax
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY
 
 def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor:
@@ -71,14 +72,25 @@ class Segmenter(nn.Module):
         if isinstance(self.decoder, MaskTransformer):
             self.decoder.prop_attn = config.prop_attn
 
+    def _patch_logits(self, padded: Tensor) -> Tensor:
+        tokens, state = self.encoder(padded)
+        self._last_state = state
+        return self.decoder(tokens[:, state.num_prefix:], state)
+
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         images = pad_to_multiple(images, self.patch_size)
-        tokens, state = self.encoder(images)
-        self._last_state = state
-        masks = self.decoder(tokens[:, state.num_prefix:], state)
-        masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        masks = F.interpolate(self._patch_logits(images), size=images.shape[-2:], mode="bilinear",
+                              align_corners=False)
         return masks[..., :height, :width]
+
+    def predict_labels(self, images: Tensor) -> Tensor:
+        """``forward(images).argmax(1)`` ``[B, H, W]`` without materialising the full-resolution logits (fused
+        upsample + argmax: the evaluation's decode tail at its memory floor)."""
+        height, width = images.shape[-2:]
+        images = pad_to_multiple(images, self.patch_size)
+        labels = upsample_argmax(self._patch_logits(images), tuple(images.shape[-2:]))
+        return labels[:, :height, :width]
 
     @property
     def merge_stats(self) -> Dict[str, Any]:
