@@ -21,7 +21,7 @@ def test_every_config_loads(path):
     if "segmenter_vit_tiny" in path or "demo" in path:
         cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg)
-        assert model.net.encoder.depth == cfg.MODEL.BACKBONE.DEPTH
+        assert model.net.backbone.depth == cfg.MODEL.BACKBONE.DEPTH
 
 
 def test_base_inheritance_and_paper_settings():

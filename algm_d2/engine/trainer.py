@@ -110,7 +110,7 @@ class Trainer:
             if cfg.MODEL.WEIGHTS:
                 load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
-        if cfg.DEEPSPEED.ZERO_STAGE == 3:
+        if cfg.DEEPSPEED.ZERO_STAGE == 3 and any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
             # nn.MultiheadAttention reads its out_proj's weight in its own forward: gather the whole module at once.
             from deepspeed.utils import set_z3_leaf_modules
 
