@@ -239,11 +239,14 @@ def test_checkpoint_in_evas_layout_loads_strictly_and_mismatches_are_listed(tmp_
 
 
 def test_eval_only_through_train_net_with_a_checkpoint_in_evas_layout(tmp_path):
+    """EVA's test pipeline at tiny size: short side resized, then each side up to a multiple of 32 (100 → 128),
+    bf16 autocast inference."""
     torch.manual_seed(0)
     mmcv_checkpoint(build_model(eva_cfg("configs/demo/eva_tiny_algm.yaml")), tmp_path / "eva_tiny.pth")
     command = [sys.executable, str(ROOT / "train_net.py"), "--eval-only", "--config-file",
                str(ROOT / "configs/demo/eva_tiny_algm.yaml"), "MODEL.WEIGHTS", str(tmp_path / "eva_tiny.pth"),
-               "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out")]
+               "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISION", "bf16",
+               "INPUT.MIN_SIZE_TEST", "100", "INPUT.SIZE_DIVISIBILITY_TEST", "32", "OUTPUT_DIR", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -121,3 +121,26 @@ def test_adapter_rejects_sizes_and_interaction_ranges_that_do_not_fit():
     vit = Eva(img_size=64, patch_size=16, embed_dim=DIM, depth=4, num_heads=HEADS, num_classes=0)
     with pytest.raises(ValueError, match="INTERACTION_INDEXES"):
         ViTAdapter(vit=vit, interaction_indexes=[[0, 1], [3, 3]])
+
+
+def test_adapter_around_eva02_with_rope_merges_and_keeps_its_outputs_at_merge_level_zero():
+    """EVA-02 (SwiGLU, sub-LN, RoPE at the merged tokens' mean positions) inside the adapter."""
+    from algm_d2.modeling import build_eva
+
+    torch.manual_seed(0)
+    vit = build_eva(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=3, mlp_ratio=4 * 2 / 3, eva02=True,
+                    rope_pretrain_grid=4)
+    model = ViTAdapter(vit=vit, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8,
+                       deform_num_heads=HEADS, init_values=0.5, msda_impl="reference").eval()
+    images = torch.randn(2, 3, 64, 96)
+    merging = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
+                         global_threshold=FixedLevel(fraction=0.4))
+    keep_all = ALGMConfig(local_layer=1, global_layer=3, local_threshold=2.0, global_threshold=2.0)
+    with torch.no_grad():
+        base, _ = model(images)
+        merged, state = model(images, algm=merging)
+        kept, _ = model(images, algm=keep_all)
+    assert state.tokens_per_layer()[-1] == [13, 13]
+    assert all(torch.isfinite(f).all() for f in merged)
+    for a, b in zip(kept, base):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

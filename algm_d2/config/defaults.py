@@ -282,6 +282,8 @@ def _test(cfg: CN) -> None:
     cfg.TEST.BATCH_SIZE = 8
     # Scale factors of the test image (multi-scale averages the class probabilities) and horizontal flip.
     cfg.TEST.SCALES = [1.0]
+    # Inference precision: "fp32" (the reference), or "bf16" / "fp16" autocast.
+    cfg.TEST.PRECISION = "fp32"
     cfg.TEST.FLIP = False
 
     # Evaluation reporting (algm_d2.evaluation).

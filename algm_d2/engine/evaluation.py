@@ -18,10 +18,14 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 
 
+INFERENCE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, evaluator: SemSegEvaluator, *,
-                         timer: InferenceTimer, merge_stats: Optional[MergeStatsAccumulator] = None
-                         ) -> Dict[str, Any]:
+                         timer: InferenceTimer, merge_stats: Optional[MergeStatsAccumulator] = None,
+                         precision: str = "fp32") -> Dict[str, Any]:
     """Run ``model`` in eval mode over this rank's share of a test set; metrics are reduced over all ranks.
+    ``precision`` "bf16"/"fp16" runs the model under autocast (TEST.PRECISION).
 
     Returns the evaluator's results plus "speed" (this rank's images/s) and, given ``merge_stats``, "tokens"."""
     evaluator.reset()
@@ -29,7 +33,11 @@ def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, 
         merge_stats.reset()
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"TEST.PRECISION must be one of {sorted(INFERENCE_PRECISIONS)}, got {precision!r}")
+    dtype = INFERENCE_PRECISIONS[precision]
+    device_type = next(model.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=get_rank() != 0, mininterval=10):
             with timer.time_batch(len(batch)):
                 outputs = model(batch)
@@ -84,7 +92,7 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
         merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
         with gathered_parameters() if gathered_parameters is not None else nullcontext():
             results = inference_on_dataset(model, build_test_loader(cfg, name), evaluator, timer=timer,
-                                           merge_stats=merge_stats)
+                                           merge_stats=merge_stats, precision=cfg.TEST.PRECISION)
             if cfg.TEST.COMPUTE_FLOPS and get_rank() == 0:
                 results["flops"] = count_dataset_gflops(
                     model, build_test_loader(cfg, name, rank=0, world_size=1, num_workers=0),
