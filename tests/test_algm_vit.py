@@ -125,3 +125,20 @@ def test_wrapper_rejects_bad_inputs(models):
         apply_algm(models["vit"], OFF)(torch.randn(1, 3, 60, 64))
     with pytest.raises(TypeError, match="timm"):
         apply_algm(torch.nn.Linear(2, 2), OFF)
+
+
+def test_patch_embedding_as_one_gemm_equals_the_convolution():
+    """The CUDA path of ``patchify`` (forced here on CPU tensors) against the conv, float64."""
+    from algm_d2.modeling.backbone import algm_vit
+
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, 16, 16).double()
+    images = torch.randn(2, 3, 48, 80, dtype=torch.float64)
+
+    class CudaLike(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    as_gemm = algm_vit.patchify(proj, images.as_subclass(CudaLike))
+    torch.testing.assert_close(torch.Tensor(as_gemm), proj(images), rtol=1e-12, atol=1e-12)

@@ -41,6 +41,23 @@ def _block_kind(block: nn.Module) -> str:
     )
 
 
+def patchify(proj: nn.Conv2d, images: Tensor) -> Tensor:
+    """The patch embedding ``proj`` (a Conv2d with stride = kernel) → ``[B, C, h, w]``.
+
+    On CUDA it runs as one GEMM over the unfolded patches: for this convolution cuDNN picks an implicit-GEMM kernel
+    that ran ~40× below the GEMM rate on an H100 in bf16 (4.3 ms of a 70 ms Seg-L batch). Elsewhere it is the conv
+    itself (bit-identical to timm on the CPU).
+    """
+    if not images.is_cuda or proj.groups != 1 or proj.padding != (0, 0) or proj.stride != proj.kernel_size:
+        return proj(images)
+    b, c, height, width = images.shape
+    ph, pw = proj.kernel_size
+    h, w = height // ph, width // pw
+    patches = images[..., : h * ph, : w * pw].reshape(b, c, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5)
+    out = F.linear(patches.reshape(b, h * w, c * ph * pw), proj.weight.reshape(proj.out_channels, -1), proj.bias)
+    return out.transpose(1, 2).reshape(b, -1, h, w)
+
+
 def resize_pos_embed(pos_embed: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int], num_prefix: int,
                      mode: str) -> Tensor:
     """Interpolate the grid part of ``pos_embed`` ``[1, P + h*w, C]`` to ``new_grid`` (align_corners=False)."""
@@ -114,7 +131,7 @@ class ALGMViT(nn.Module):
         if images.shape[-2] % ph or images.shape[-1] % pw:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {(ph, pw)}; "
                              "pad it first (Segmenter pads bottom/right like the release)")
-        x = self.patch_embed.proj(images)
+        x = patchify(self.patch_embed.proj, images)
         grid = (x.shape[-2], x.shape[-1])
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ...merge import OFF, ALGMConfig, MergeState
 from ..ops.msda import MSDeformAttn, SpatialShapes
 from ..registry import BACKBONE_REGISTRY
-from .algm_vit import ALGMViT, TokenStream, resize_pos_embed
+from .algm_vit import ALGMViT, TokenStream, patchify, resize_pos_embed
 from .build import algm_config_from_cfg, build_timm_vit
 
 
@@ -279,7 +279,7 @@ class ViTAdapter(ALGMViT):
 
     def _embed_patches(self, images: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
         """Patch tokens + position embedding (the class token gets none, as the release) → ``[B, 1 + h*w, C]``."""
-        x = self.patch_embed.proj(images)
+        x = patchify(self.patch_embed.proj, images)
         grid = (x.shape[-2], x.shape[-1])
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
         if self.pos_embed is not None:
