@@ -15,7 +15,7 @@ import torch
 from timm.models import eva, vision_transformer
 
 from ..modeling.backbone.algm_vit import ALGMViT
-from .segmenter import CheckpointMismatchError, read_state_dict
+from .segmenter import raise_on_mismatch, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +48,12 @@ def load_pretrained_vit(backbone: ALGMViT, path: Union[str, Path], *, weights_on
     if dropped:
         logger.info("%s: dropping %d pretraining-only keys: %s", path, len(dropped), ", ".join(dropped))
     state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
-    missing = sorted(set(expected) - set(state_dict))
-    kept = [k for k in missing if k.startswith(OPTIONAL_PREFIXES)]
+    kept = sorted(k for k in expected if k not in state_dict and k.startswith(OPTIONAL_PREFIXES))
     if kept:
         logger.warning("%s has no %s (a pooled classifier's file): the final norm keeps its initialisation", path,
                        ", ".join(kept))
-        missing = [k for k in missing if k not in kept]
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape)
-    if missing or unexpected or mis_shaped:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys)}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-                 if keys]
-        raise CheckpointMismatchError(f"MODEL.BACKBONE.PRETRAINED {path} does not fit the backbone's ViT; "
-                                      + "; ".join(parts))
+    raise_on_mismatch(expected, state_dict, f"MODEL.BACKBONE.PRETRAINED {path} does not fit the backbone's ViT",
+                      optional=tuple(kept), source_name="file")
     incompatible = backbone.load_state_dict(state_dict, strict=False)
     logger.info("initialised the ViT from %s (%d tensors); newly initialised: %d tensors", path, len(state_dict),
                 len(incompatible.missing_keys))

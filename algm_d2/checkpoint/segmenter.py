@@ -81,17 +81,23 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     if dropped:
         logger.info("%s: dropping %d keys not used for segmentation: %s", source, len(dropped), ", ".join(dropped))
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(drop_prefixes)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
+    raise_on_mismatch(model.state_dict(), state_dict, f"{source} does not fit the model")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def raise_on_mismatch(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str,
+                      optional: tuple = (), source_name: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` ("<what>; missing (n): ...; unexpected ...; mis-shaped ...") unless
+    ``state_dict`` has exactly ``expected``'s keys (those in ``optional`` may be missing) and shapes."""
+    missing = sorted(k for k in set(expected) - set(state_dict) if k not in optional)
     unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+    mis_shaped = sorted(f"{k}: {source_name} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                         for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape)
     if missing or unexpected or mis_shaped:
         parts = [f"{name} ({len(keys)}): {', '.join(keys)}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
                  if keys]
-        raise CheckpointMismatchError(f"{source} does not fit the model; " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+        raise CheckpointMismatchError(f"{what}; " + "; ".join(parts))
 
 
 def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Segmenter:

@@ -8,7 +8,7 @@ coordinates, and the grid's index map is composed with ``dest`` — there is no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -150,6 +150,13 @@ class MergeState:
     def record_layer(self) -> None:
         """Append the current token counts to the history (the backbone calls it once per block)."""
         self.history.append(self.num_tokens)
+
+    def stats(self) -> Dict[str, Any]:
+        """What a network reports as ``merge_stats``: ``tokens_per_layer`` (per block, per image, prefix included),
+        ``initial_tokens`` (entering block 1) and ``num_prefix``."""
+        h, w = self.grid_size
+        return {"tokens_per_layer": self.tokens_per_layer(), "initial_tokens": self.num_prefix + h * w,
+                "num_prefix": self.num_prefix}
 
     def tokens_per_layer(self) -> List[List[int]]:
         """Tokens leaving each recorded block, one list of ints (one per image, prefix included) per block."""

@@ -72,12 +72,9 @@ class MaskClassificationNet(nn.Module):
     def merge_stats(self) -> Dict[str, Any]:
         """Of the last forward: ``tokens_per_layer`` (per block, per image, class token included),
         ``initial_tokens`` and ``num_prefix`` (as :attr:`Segmenter.merge_stats`)."""
-        state = self._last_state
-        if state is None:
+        if self._last_state is None:
             return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        h, w = state.grid_size
-        return {"tokens_per_layer": state.tokens_per_layer(), "initial_tokens": state.num_prefix + h * w,
-                "num_prefix": state.num_prefix}
+        return self._last_state.stats()
 
 
 @META_ARCH_REGISTRY.register()

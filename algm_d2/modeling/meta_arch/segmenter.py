@@ -96,9 +96,6 @@ class Segmenter(nn.Module):
     def merge_stats(self) -> Dict[str, Any]:
         """Of the last forward: ``tokens_per_layer`` (per block, per image, class token included),
         ``initial_tokens`` (entering block 1) and ``num_prefix``."""
-        state = self._last_state
-        if state is None:
+        if self._last_state is None:
             return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        h, w = state.grid_size
-        return {"tokens_per_layer": state.tokens_per_layer(), "initial_tokens": state.num_prefix + h * w,
-                "num_prefix": state.num_prefix}
+        return self._last_state.stats()

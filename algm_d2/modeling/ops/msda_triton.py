@@ -45,6 +45,27 @@ def _corner(corner: tl.constexpr, x0, y0, fx, fy):
 
 
 @triton.jit
+def _point(loc, attn, qm, lp, q_ok, h, w, LP: tl.constexpr):
+    """Attention weight, top-left source pixel and bilinear fractions of sampling point ``lp`` of rows ``qm``
+    (pixel = location · size − 0.5, grid_sample's align_corners=False)."""
+    weight = tl.load(attn + qm * LP + lp, mask=q_ok, other=0.0)
+    x = tl.load(loc + (qm * LP + lp) * 2, mask=q_ok, other=0.0) * w - 0.5
+    y = tl.load(loc + (qm * LP + lp) * 2 + 1, mask=q_ok, other=0.0) * h - 0.5
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    return weight, x0.to(tl.int32), y0.to(tl.int32), x - x0, y - y0
+
+
+@triton.jit
+def _corner_rows(corner: tl.constexpr, x0, y0, fx, fy, q_ok, h, w, start, b, S, M: tl.constexpr, m):
+    """A corner's bilinear weight and derivatives (see ``_corner``), value rows ``[BLOCK_Q]`` and validity."""
+    xi, yi, bilinear, d_fx, d_fy = _corner(corner, x0, y0, fx, fy)
+    ok = q_ok & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    row = (b * S + start + yi * w + xi).to(tl.int64) * M + m
+    return row, ok, bilinear, d_fx, d_fy
+
+
+@triton.jit
 def _msda_fwd(value, loc, attn, out, S, Lq,
               h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3,
               M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
@@ -59,20 +80,9 @@ def _msda_fwd(value, loc, attn, out, S, Lq,
     for level in tl.static_range(L):
         h, w, start = _level(level, h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3)
         for p in tl.static_range(P):
-            lp = level * P + p
-            weight = tl.load(attn + qm * (L * P) + lp, mask=q_ok, other=0.0)
-            x = tl.load(loc + (qm * (L * P) + lp) * 2, mask=q_ok, other=0.0) * w - 0.5
-            y = tl.load(loc + (qm * (L * P) + lp) * 2 + 1, mask=q_ok, other=0.0) * h - 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            weight, x0, y0, fx, fy = _point(loc, attn, qm, level * P + p, q_ok, h, w, L * P)
             for corner in tl.static_range(4):
-                xi, yi, bilinear, _, _ = _corner(corner, x0, y0, fx, fy)
-                ok = q_ok & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                row = (b * S + start + yi * w + xi).to(tl.int64) * M + m
+                row, ok, bilinear, _, _ = _corner_rows(corner, x0, y0, fx, fy, q_ok, h, w, start, b, S, M, m)
                 v = tl.load(value + row[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
                 acc += (weight * bilinear)[:, None] * v
     tl.store(out + qm.to(tl.int64)[:, None] * D + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
@@ -94,22 +104,13 @@ def _msda_bwd(value, loc, attn, grad_out, grad_value, grad_loc, grad_attn, S, Lq
         h, w, start = _level(level, h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3)
         for p in tl.static_range(P):
             lp = level * P + p
-            weight = tl.load(attn + qm * (L * P) + lp, mask=q_ok, other=0.0)
-            x = tl.load(loc + (qm * (L * P) + lp) * 2, mask=q_ok, other=0.0) * w - 0.5
-            y = tl.load(loc + (qm * (L * P) + lp) * 2 + 1, mask=q_ok, other=0.0) * h - 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            weight, x0, y0, fx, fy = _point(loc, attn, qm, lp, q_ok, h, w, L * P)
             sample_grad = tl.zeros([BLOCK_Q], dtype=tl.float32)  # d loss / d weight
             gx = tl.zeros([BLOCK_Q], dtype=tl.float32)  # d sample / d fx, dotted with g
             gy = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for corner in tl.static_range(4):
-                xi, yi, bilinear, dbilinear_dfx, dbilinear_dfy = _corner(corner, x0, y0, fx, fy)
-                ok = q_ok & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                row = (b * S + start + yi * w + xi).to(tl.int64) * M + m
+                row, ok, bilinear, dbilinear_dfx, dbilinear_dfy = _corner_rows(corner, x0, y0, fx, fy, q_ok, h, w,
+                                                                               start, b, S, M, m)
                 mask = ok[:, None] & d_ok[None, :]
                 v = tl.load(value + row[:, None] * D + d[None, :], mask=mask, other=0.0)
                 gv = tl.sum(g * v, axis=1)
