@@ -142,10 +142,10 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
                    ffn_dim=node.DIM_FEEDFORWARD, num_layers=node.DEC_LAYERS - 1,
                    mask_dim=cfg.MODEL.SEM_SEG_HEAD.MASK_DIM, dropout=node.DROPOUT)
 
-    def _predict(self, queries: Tensor, token_masks_features: Tensor, key_bias: Tensor):  # noqa: ANN202
+    def _predict(self, queries: Tensor, mask_features: Tensor, key_bias: Tensor):  # noqa: ANN202
         out = self.post_norm(queries).transpose(0, 1)
         logits = self.heads.cls_embed(out)
-        masks = torch.einsum("bqc,btc->bqt", self.heads.mask_embed(out), token_masks_features)
+        masks = torch.einsum("bqc,btc->bqt", self.heads.mask_embed(out), mask_features)
         blocked = (masks.sigmoid() < 0.5).detach()
         blocked = blocked & ~blocked.all(-1, keepdim=True)
         bias = key_bias.masked_fill(blocked, float("-inf")).repeat_interleave(self.num_heads, dim=0)
