@@ -1,10 +1,30 @@
 """Bilinear upsampling of class logits fused with the argmax over classes: the evaluation's decode tail.
 
 ``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax(1)`` writes and re-reads a
-``[B, K, H, W]`` tensor (2.5 GB for 32 images, 150 classes, 512²). The Triton kernel reads the small logits and
-writes only the labels: per output pixel it recomputes PyTorch's bilinear value for each class (same source index
-and weights, float32, rounded to the logits' dtype as ``interpolate``'s output is) and keeps the first maximum, as
-``argmax`` does. NaN logits are not supported (``argmax`` would return the NaN's index).
+``[B, K, H, W]`` tensor (2.5 GB for 32 images, 150 classes, 512²). :func:`upsample_argmax` returns the same labels
+and, on CUDA, never materialises that tensor:
+
+1. ``_cell_candidates``: for every source cell (the 2×2 source pixels ``(y0, x0)``, ``(y0, x1)``, ``(y1, x0)``,
+   ``(y1, x1)`` that the output pixels mapped onto it interpolate) the classes that can win anywhere in the cell.
+   A bilinear value lies between the smallest and the largest of its four corners, so class ``j`` cannot be the
+   argmax when its largest corner is below the smallest corner of another class; the comparison keeps a margin
+   that covers float32 rounding and, for bfloat16/float16 logits, the rounding of the interpolated value to that
+   dtype (which creates ties), so that a pruned class is strictly below the winner after rounding. Smooth logits
+   leave one to a few candidates per cell, random ones most of the K.
+2. ``_upsample_argmax``: for each output pixel, the bilinear value of each candidate of its cell, with the
+   arithmetic of PyTorch's CUDA kernel, rounded to the logits' dtype as ``interpolate``'s output is, keeping the
+   first maximum as ``argmax`` does. Only the int64 labels are written; the workspace is the candidate lists,
+   ``[B, h·w, K]`` int16 (the size of the logits in bfloat16), of which only the kept entries are touched.
+
+PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
+``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
+``l0 = 1 - l1``, rows ``fma(l0w, v_x0, l1w * v_x1)``, value ``fma(l0h, top, l1h * bottom)``; the float32 NHWC kernel
+(channels-last logits with ≥ 16 classes, e.g. the Segmenter head's) computes the top row as
+``fma(l1w, v01, l0w * v00)``. Equal input and output sizes are a copy in PyTorch, hence a plain argmax here.
+
+NaN and infinite logits: a cell with a non-finite corner (or one too large for the margins) keeps every class, and
+the comparison ranks NaN above everything with the first NaN winning, as ``argmax`` does; the labels then still
+follow PyTorch's arithmetic, including NaN from ``0 * inf``.
 """
 from __future__ import annotations
 
@@ -14,27 +34,236 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements of the full-resolution logits the reference materialises at once (chunks over the batch).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference alone
+    triton = None
+
+# Elements of full-resolution logits the reference materialises at once (1 GiB in float32).
 _REFERENCE_CHUNK_ELEMENTS = 1 << 28
+# The reference splits classes (only when one image exceeds the chunk) at multiples of this: every class then goes
+# through the same kernel (PyTorch's NHWC CUDA kernel needs ≥ 16 channels) and the same vector lanes (CPU) as in
+# one call, so the values are bit-identical.
+_CLASS_ALIGN = 64
+# Margins of the candidate bounds, relative to the largest |corner|: float32 rounding of the interpolation is below
+# 2^-21 of it; rounding to bfloat16 / float16 below 2^-8 / 2^-11. An absolute 2^-20 (9.5367431640625e-07 in
+# the kernel) covers subnormals.
+_MARGIN = {torch.float32: 2.0 ** -18, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}
+# Corners at or above this magnitude mark the cell as unbounded (all classes): keeps the margins finite and, for
+# float16, interpolated values below the dtype's overflow (a rounding to inf would create ties).
+_LARGE = {torch.float32: 2.0 ** 100, torch.bfloat16: 2.0 ** 100, torch.float16: 2.0 ** 14}
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CELLS, _CLASSES = 32, 32  # tile of the candidate kernel
+_TILE_H, _TILE_W = 8, 32  # output pixels per program of the label kernel
 
 
-def upsample_argmax_reference(logits: Tensor, size: Tuple[int, int]) -> Tensor:
-    """The plain expression, a few images at a time so that peak memory stays bounded; identical output."""
+def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def upsample_argmax_reference(logits: Tensor, size: Tuple[int, int], *,
+                              chunk_elements: int = _REFERENCE_CHUNK_ELEMENTS) -> Tensor:
+    """The plain expression with at most about ``chunk_elements`` upsampled values alive: whole images while one
+    fits, else one image at a time in class chunks merged with ``argmax``'s rules (first maximum, first NaN)."""
     b, k = logits.shape[:2]
-    per_image = k * size[0] * size[1]
-    step = max(1, _REFERENCE_CHUNK_ELEMENTS // max(per_image, 1))
-    return torch.cat([F.interpolate(logits[i:i + step], size=size, mode="bilinear", align_corners=False).argmax(1)
-                      for i in range(0, b, step)])
+    pixels = size[0] * size[1]
+    if k * pixels <= chunk_elements:
+        step = chunk_elements // (k * pixels)
+        return torch.cat([_interpolate(logits[i:i + step], size).argmax(1) for i in range(0, b, step)])
+    width = max(_CLASS_ALIGN, chunk_elements // pixels // _CLASS_ALIGN * _CLASS_ALIGN)
+    starts = list(range(0, k, width))
+    if len(starts) > 1 and k - starts[-1] < _CLASS_ALIGN:
+        starts.pop()  # a short last chunk joins the previous one
+    bounds = list(zip(starts, starts[1:] + [k]))
+    labels = []
+    for i in range(b):
+        best_value = best_label = None
+        for start, stop in bounds:
+            upsampled = _interpolate(logits[i:i + 1, start:stop], size)
+            label = upsampled.argmax(1)
+            value = upsampled.gather(1, label[:, None])[:, 0]
+            label += start
+            if best_value is None:
+                best_value, best_label = value, label
+                continue
+            better = (value > best_value) | (value.isnan() & ~best_value.isnan())
+            best_value = torch.where(better, value, best_value)
+            best_label = torch.where(better, label, best_label)
+        labels.append(best_label)
+    return torch.cat(labels)
+
+
+def _suggests_channels_last(t: Tensor) -> bool:
+    """``Tensor.suggest_memory_format() == channels_last`` (c10's ``is_channels_last_strides_2d``), which decides
+    whether CUDA's ``interpolate`` runs its NHWC kernel."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cell_candidates(logits, candidates, counts, K, h, w, stride_b, stride_k, stride_y, stride_x,
+                         MARGIN: tl.constexpr, LARGE: tl.constexpr, CELLS: tl.constexpr, CLASSES: tl.constexpr):
+        # [CELLS, CLASSES] tiles: a few iterations over K instead of a chain of K dependent loads per cell
+        b = tl.program_id(1).to(tl.int64)
+        cell = tl.program_id(0) * CELLS + tl.arange(0, CELLS)
+        ok = cell < h * w
+        y0 = cell // w
+        x0 = cell % w
+        y1 = y0 + (y0 < h - 1).to(tl.int32)
+        x1 = x0 + (x0 < w - 1).to(tl.int32)
+        image = logits + b * stride_b
+        o00 = (y0 * stride_y + x0 * stride_x)[:, None]
+        o01 = (y0 * stride_y + x1 * stride_x)[:, None]
+        o10 = (y1 * stride_y + x0 * stride_x)[:, None]
+        o11 = (y1 * stride_y + x1 * stride_x)[:, None]
+        # pass 1: the largest lower bound over classes (the winner's value is at least this) and unbounded cells
+        floor = tl.full([CELLS], float("-inf"), tl.float32)
+        unbounded = tl.zeros([CELLS], tl.int32)
+        for start in range(0, K, CLASSES):
+            k = start + tl.arange(0, CLASSES)[None, :]
+            live = ok[:, None] & (k < K)
+            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
+            low = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11)) - (MARGIN * large + 9.5367431640625e-07)
+            floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=1))
+            # NaN fails every comparison: test each corner
+            finite = (tl.abs(v00) < LARGE) & (tl.abs(v01) < LARGE) & (tl.abs(v10) < LARGE) & (tl.abs(v11) < LARGE)
+            unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=1))
+        # pass 2: the classes whose upper bound reaches it, appended in increasing order
+        n = tl.zeros([CELLS], tl.int32)
+        out = (candidates + b * h * w * K + cell * K)[:, None]
+        for start in range(0, K, CLASSES):
+            k = start + tl.arange(0, CLASSES)[None, :]
+            live = ok[:, None] & (k < K)
+            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
+            high = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11)) + (MARGIN * large + 9.5367431640625e-07)
+            keep = (live & ((unbounded[:, None] > 0) | (high >= floor[:, None]))).to(tl.int32)
+            slot = n[:, None] + tl.cumsum(keep, axis=1) - keep
+            tl.store(out + slot, k + tl.zeros([CELLS, CLASSES], tl.int32), mask=keep > 0)
+            n += tl.sum(keep, axis=1)
+        tl.store(counts + b * h * w + cell, n, mask=ok)
+
+    @triton.jit
+    def _round_to_input(value, ROUNDING: tl.constexpr):
+        """``interpolate``'s output dtype: 1 bfloat16, 2 float16 (to nearest even), 0 float32 (as is)."""
+        if ROUNDING == 1:
+            # on the bits: exact on the GPU and in the interpreter (whose bfloat16 cast truncates); NaN kept
+            bits = value.to(tl.int32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            value = tl.where(value == value, rounded, value)
+        elif ROUNDING == 2:
+            value = value.to(tl.float16).to(tl.float32)
+        return value
+
+    @triton.jit
+    def _upsample_argmax(logits, candidates, counts, labels, K, h, w, H, W, stride_b, stride_k, stride_y, stride_x,
+                         scale_h, scale_w, TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr,
+                         TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+        b = tl.program_id(2).to(tl.int64)
+        y = tl.program_id(1) * TILE_H + tl.arange(0, TILE_H)[:, None]
+        x = tl.program_id(0) * TILE_W + tl.arange(0, TILE_W)[None, :]
+        ok = (y < H) & (x < W)
+        sy = tl.maximum(tl.fma(y.to(tl.float32) + 0.5, scale_h, -0.5), 0.0)
+        sx = tl.maximum(tl.fma(x.to(tl.float32) + 0.5, scale_w, -0.5), 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        y1 = y0 + (y0 < h - 1).to(tl.int32)
+        x1 = x0 + (x0 < w - 1).to(tl.int32)
+        ly1 = sy - y0.to(tl.float32)
+        lx1 = sx - x0.to(tl.float32)
+        ly0 = 1.0 - ly1
+        lx0 = 1.0 - lx1
+        cell = y0 * w + x0
+        n = tl.load(counts + b * h * w + cell, mask=ok, other=0)
+        cell_classes = candidates + b * h * w * K
+        image = logits + b * stride_b
+        # int32 offsets from one base pointer per image: half the registers of a pointer per corner
+        o00 = y0 * stride_y + x0 * stride_x
+        o01 = y0 * stride_y + x1 * stride_x
+        o10 = y1 * stride_y + x0 * stride_x
+        o11 = y1 * stride_y + x1 * stride_x
+        cell_k = cell * K
+        best = tl.full([TILE_H, TILE_W], float("-inf"), tl.float32)
+        best_k = tl.zeros([TILE_H, TILE_W], tl.int32)
+        for c in range(tl.max(n)):
+            live = c < n
+            k = tl.load(cell_classes + (cell_k + c), mask=live, other=0).to(tl.int32)
+            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            if TOP_W1_FUSED:
+                top = tl.fma(lx1, v01, lx0 * v00)
+            else:
+                top = tl.fma(lx0, v00, lx1 * v01)
+            bottom = tl.fma(lx0, v10, lx1 * v11)
+            value = _round_to_input(tl.fma(ly0, top, ly1 * bottom), ROUNDING)
+            # candidates come in increasing class order: strictly greater keeps the first maximum; NaN beats numbers
+            better = live & ((value > best) | ((value != value) & (best == best)))
+            best = tl.where(better, value, best)
+            best_k = tl.where(better, k, best_k)
+        tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
+
+
+def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
+    """The two kernels (module docstring); any strides, float32 / bfloat16 / float16."""
+    if triton is None:
+        raise RuntimeError("upsample_argmax impl='triton' needs triton")
+    if logits.dtype not in _ROUNDING:
+        raise ValueError(f"upsample_argmax: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    b, k, h, w = logits.shape
+    height, width = size
+    if (h, w) == (height, width):
+        return logits.argmax(1)
+    strides = logits.stride()
+    if max(h * w * k, height * width, sum((n - 1) * s for n, s in zip(logits.shape[1:], strides[1:]))) >= 1 << 31:
+        raise ValueError("upsample_argmax: one image's logits, candidate lists or labels exceed int32 offsets")
+    labels = torch.empty(b, height, width, dtype=torch.long, device=logits.device)
+    candidates = torch.empty(b, h * w, k, dtype=torch.int16 if k <= 1 << 15 else torch.int32, device=logits.device)
+    counts = torch.empty(b, h * w, dtype=torch.int32, device=logits.device)
+    _cell_candidates[(triton.cdiv(h * w, _CELLS), b)](
+        logits, candidates, counts, k, h, w, *strides,
+        MARGIN=_MARGIN[logits.dtype], LARGE=_LARGE[logits.dtype], CELLS=_CELLS, CLASSES=_CLASSES, num_warps=4)
+    # PyTorch's scales: float32 in / out (accscalar_t), passed to the kernel as that float32 value
+    scale_h = (torch.tensor(h, dtype=torch.float32) / height).item()
+    scale_w = (torch.tensor(w, dtype=torch.float32) / width).item()
+    top_w1_fused = logits.dtype == torch.float32 and k >= 16 and _suggests_channels_last(logits)
+    _upsample_argmax[(triton.cdiv(width, _TILE_W), triton.cdiv(height, _TILE_H), b)](
+        logits, candidates, counts, labels, k, h, w, height, width, *strides, scale_h, scale_w,
+        TOP_W1_FUSED=top_w1_fused, ROUNDING=_ROUNDING[logits.dtype], TILE_H=_TILE_H, TILE_W=_TILE_W, num_warps=4)
+    return labels
 
 
 def upsample_argmax(logits: Tensor, size: Tuple[int, int], *, impl: str = "auto") -> Tensor:
-    """``argmax_k bilinear_upsample(logits)[k]`` → labels ``[B, H, W]`` (long); ``impl`` "auto" (Triton on CUDA),
-    "reference" or "triton"."""
+    """``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax(1)`` → ``[B, H, W]`` long, without
+    the full-resolution logits. ``impl``: "auto" (Triton on CUDA when importable, else the reference),
+    "reference" (the expression in memory-bounded chunks) or "triton"."""
     if impl not in ("auto", "reference", "triton"):
         raise ValueError(f"upsample_argmax impl must be 'auto', 'reference' or 'triton', got {impl!r}")
+    if logits.dim() != 4:
+        raise ValueError(f"upsample_argmax: logits must be [B, K, h, w], got shape {tuple(logits.shape)}")
     size = (int(size[0]), int(size[1]))
-    if impl == "triton" or (impl == "auto" and logits.is_cuda):
-        from .upsample_argmax_triton import upsample_argmax_triton  # noqa: PLC0415 - triton only where it runs
-
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"upsample_argmax: size must be positive, got {size}")
+    if logits.shape[0] == 0:
+        return torch.empty(0, *size, dtype=torch.long, device=logits.device)
+    if impl == "triton" or (impl == "auto" and logits.is_cuda and triton is not None):
         return upsample_argmax_triton(logits, size)
     return upsample_argmax_reference(logits, size)
