@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from algm_d2.evaluation import measure_throughput  # noqa: E402
 from algm_d2.modeling.ops.msda import ms_deform_attn_reference  # noqa: E402
 
 # (name, value level shapes, heads, head dim, queries, points) per crop of 896² (ViT grid 56²).
@@ -37,25 +37,9 @@ def inputs(shapes, heads: int, dim: int, queries: int, points: int, batch: int, 
     return value, locations.requires_grad_(), weights.requires_grad_()
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, grad: bool) -> float:
+    return measure_throughput(lambda _: fn(), None, warmup=warmup, iters=iters, device=device, batch_size=1,
+                              grad=grad)["ms_per_batch_median"]
 
 
 def main(argv: List[str] = None) -> None:
@@ -84,12 +68,11 @@ def main(argv: List[str] = None) -> None:
         for op_name, op in ops.items():
             out = op(value, locations, weights)
             results[op_name] = (out, torch.autograd.grad(out, (value, locations, weights), grad))
-            with torch.no_grad():
-                row[f"{op_name}_forward_ms"] = median_ms(lambda: op(value, locations, weights), device, args.warmup,
-                                                         args.iters)
+            row[f"{op_name}_forward_ms"] = median_ms(lambda: op(value, locations, weights), device, args.warmup,
+                                                     args.iters, grad=False)
             row[f"{op_name}_forward_backward_ms"] = median_ms(
                 lambda: torch.autograd.grad(op(value, locations, weights), (value, locations, weights), grad),
-                device, args.warmup, args.iters)
+                device, args.warmup, args.iters, grad=True)
         if use_triton:
             (ref, ref_grads), (tri, tri_grads) = results["reference"], results["triton"]
             row["max_abs_error"] = {"output": float((tri - ref).abs().max())}
