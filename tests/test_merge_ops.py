@@ -92,7 +92,8 @@ def test_matches_loop_reference(h, w, prefix, r_local, r_global, seed):
     y, state = local_merge(x, state0, (2, 2), FixedLevel(count=r_local), "min", 1)
     ref = clap_reference(x[0], prefix, (h, w), (2, 2), min(r_local, (h // 2) * (w // 2)))
     y, state = global_merge(y, state, FixedLevel(count=r_global), "min", 5)
-    ref = gbm_reference(*ref, prefix, r_global)
+    if r_global:  # a fixed level of 0 skips the stage; a count of 0 by threshold still reorders (the release)
+        ref = gbm_reference(*ref, prefix, r_global)
     ref_tokens, ref_sizes, ref_groups = ref
     assert y.shape[1] == len(ref_tokens)
     torch.testing.assert_close(y[0].double(), torch.stack(ref_tokens), rtol=1e-5, atol=1e-5)
@@ -239,3 +240,15 @@ def test_rule_parsing():
     assert parse_rule("fraction:0.25", "x") == FixedLevel(fraction=0.25)
     assert parse_rule("none", "x") is None and parse_rule(None, "x") is None
     assert not ALGMConfig(local_threshold=None, global_threshold="none").enabled
+
+
+def test_fixed_level_zero_skips_both_stages_and_threshold_zero_keeps_the_release_order():
+    x = clustered_tokens(2, (4, 6), 1, 6, 0, noise=1.0)
+    state0 = MergeState.initial(2, (4, 6), 1, x.device)
+    for stage in (lambda y, s: local_merge(y, s, (2, 2), FixedLevel(count=0), "min", 1),
+                  lambda y, s: global_merge(y, s, FixedLevel(fraction=0.0), "per_image", 5)):
+        y, state = stage(x, state0)
+        assert y is x and state is state0
+    y, state = global_merge(x, state0, 2.0, "min", 5)  # τ above any cosine: nothing merges, tokens reordered
+    assert y.shape == x.shape and not torch.equal(y, x)
+    assert torch.equal(state.unmerge(y), state0.unmerge(x))

@@ -17,12 +17,17 @@ def load_tool(name: str):
 
 def test_benchmark_tool_on_cpu(tmp_path):
     load_tool("benchmark").main(["--variant", "tiny", "--image-size", "64", "--batch-size", "2", "--num-images", "3",
-                                 "--precision", "fp32", "--warmup", "1", "--iters", "2", "--flops-images", "1",
-                                 "--device", "cpu", "--output-dir", str(tmp_path)])
+                                 "--precision", "fp32", "--warmup", "1", "--iters", "4", "--rounds", "2",
+                                 "--flops-images", "1", "--device", "cpu", "--output-dir", str(tmp_path)])
     report = json.loads((tmp_path / "benchmark.json").read_text())
-    assert set(report["results"]) == {"baseline", "algm", "algm_per_image", "paper_level", "level0"}
+    assert set(report["results"]) == {"baseline", "algm", "algm_per_image", "paper_level", "level0", "level0_scored"}
     base, level = report["results"]["baseline"], report["results"]["paper_level"]
-    assert base["protocols"]["mixed"]["images_per_second"] > 0
+    mixed = base["protocols"]["mixed"]
+    assert mixed["images_per_second"] > 0 and mixed["host_ms_per_batch"] > 0
+    assert len(mixed["ms_per_batch_rounds"]) == 2 and mixed["iters"] == 4  # two interleaved rounds of two
+    for name in ("level0", "level0_scored"):  # both stages on, nothing merged
+        tokens = report["results"][name]["protocols"]["mixed"]["tokens"]
+        assert tokens["min_tokens_per_layer"] == [tokens["initial_tokens"]] * len(tokens["min_tokens_per_layer"])
     # 64² → 4x4 grid: the paper's fractions merge 1 of 4 windows (17 → 14 tokens) at layer 1
     assert level["protocols"]["repeat"]["tokens"]["mean_tokens_per_layer"][0] == 14
     assert level["gflops_per_image"] < base["gflops_per_image"]

@@ -113,10 +113,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         l1 = src - i0.float()
         return i0, i0 + (i0 < n_in - 1).long(), 1 - l1, l1
 
-    def cuda_labels(x, size):
+    def cuda_values(x, size):
         b, k, h, w = x.shape
         if (h, w) == size:
-            return x.argmax(1)  # interpolate copies
+            return x.clone()  # interpolate copies
         y0, y1, ly0, ly1 = axis(size[0], h)
         x0, x1, lx0, lx1 = axis(size[1], w)
         v = x.float()
@@ -127,7 +127,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         else:
             top = fma(lx0, g(y0, x0), lx1 * g(y0, x1))
         bottom = fma(lx0, g(y1, x0), lx1 * g(y1, x1))
-        return fma(ly0, top, ly1 * bottom).to(x.dtype).argmax(1)
+        return fma(ly0, top, ly1 * bottom).to(x.dtype)
+
+    def cuda_labels(x, size):
+        return cuda_values(x, size).argmax(1)
 
     def near_ties(k, h, w, dtype):
         # every class 0-2 ulps (of its dtype) from class 0: the labels fingerprint every rounding
@@ -164,6 +167,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     for i, (x, size, random) in enumerate(cases):
         got = ops.upsample_argmax(x, size, impl="triton")
         assert torch.equal(got, cuda_labels(x, size)), (i, x.dtype, tuple(x.shape), size)
+        values = ops.upsample_bilinear(x, size, impl="triton")
+        torch.testing.assert_close(values, cuda_values(x, size), rtol=0, atol=0, equal_nan=True)
+        assert values.is_contiguous(), i  # NCHW whatever the input's layout
         if random and x.dtype == torch.float32:  # no near ties: the CPU kernel's roundings agree
             assert torch.equal(got, F.interpolate(x, size=size, mode="bilinear", align_corners=False).argmax(1)), i
 

@@ -48,11 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     parser.add_argument("--settings", nargs="+", default=None,
-                        help="subset of: baseline algm algm_per_image paper_level level0 (default all)")
+                        help="subset of: baseline algm algm_per_image paper_level level0 level0_scored (default all)")
     parser.add_argument("--threshold", type=float, default=0.88, help="CLAP τ of the algm settings")
     parser.add_argument("--global-layer", type=int, default=None, help="GBM layer (default 5; 7 for large)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the timed iterations visit every setting in this many interleaved rounds")
     parser.add_argument("--flops-images", type=int, default=2, help="images whose GFLOPs are counted (0: skip)")
     parser.add_argument("--output", choices=OUTPUTS, default="logits",
                         help="time full-resolution logits (default) or the evaluation's argmax labels (fused)")
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="also measure the plain encoder's TFLOP/s against the measured matmul ceiling")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
@@ -120,7 +124,7 @@ def main(argv=None) -> None:  # noqa: ANN001
     report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
                            flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
-                           compile_mode=args.compile)
+                           compile_mode=args.compile, rounds=args.rounds, cuda_graphs=args.cuda_graphs)
     if args.mfu:
         report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)

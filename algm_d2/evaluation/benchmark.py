@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..merge import OFF, ALGMConfig, FixedLevel
 from .flop_count import count_gflops
@@ -33,7 +35,9 @@ PAPER_GLOBAL_FRACTION = 125 / 416
 def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: float = 0.88
                       ) -> Dict[str, ALGMConfig]:
     """The settings the speed issue compares: plain, the release's rule (both policies), the paper's token
-    level, and both stages on but merging nothing (the merge overhead: scoring and the host syncs)."""
+    level, and both stages on but merging nothing, twice: at fixed level 0 (the issue's definition: the stages
+    know nothing merges) and with τ above any cosine (``level0_scored``: every candidate scored, the host synced
+    for the counts, nothing merged: the cost of the threshold machinery itself)."""
     layers = {"local_layer": local_layer, "global_layer": global_layer}
     return {
         "baseline": OFF,
@@ -42,8 +46,8 @@ def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: fl
                                      batch_policy="per_image"),
         "paper_level": ALGMConfig(**layers, local_threshold=FixedLevel(fraction=PAPER_LOCAL_FRACTION),
                                   global_threshold=FixedLevel(fraction=PAPER_GLOBAL_FRACTION)),
-        # τ above any cosine: both stages score every candidate and sync, then merge nothing.
-        "level0": ALGMConfig(**layers, local_threshold=2.0, global_threshold=2.0),
+        "level0": ALGMConfig(**layers, local_threshold=FixedLevel(count=0), global_threshold=FixedLevel(count=0)),
+        "level0_scored": ALGMConfig(**layers, local_threshold=2.0, global_threshold=2.0),
     }
 
 
@@ -74,19 +78,65 @@ def static_shapes(algm: ALGMConfig) -> bool:
     return all(isinstance(rule, FixedLevel) for rule in rules)
 
 
+def _graphed(forward: Callable[[Tensor], Any], example: Tensor) -> Callable[[Tensor], Any]:
+    """``forward`` captured as a CUDA graph: each call copies the batch into the graph's input and replays it (the
+    output tensor is reused). Call inside the autocast / no_grad context the replays run in."""
+    static_input = example.clone()
+    stream = torch.cuda.Stream(example.device)
+    stream.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            forward(static_input)
+    torch.cuda.current_stream(example.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_output = forward(static_input)
+
+    def replay(batch: Tensor) -> Any:
+        static_input.copy_(batch)
+        graph.replay()
+        return static_output
+
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the function
+    return replay
+
+
+def _host_ms(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> float:
+    """Median time the host takes to issue one call after a synchronize (for calls without host syncs: the launch
+    cost; a call that takes longer to issue than the GPU takes to run it is bound by the CPU)."""
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return float(np.median(times))
+
+
 def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGMConfig], batch_size: int = 32,
                   precision: str = "bf16", protocols: Sequence[str] = PROTOCOLS, warmup: int = 50,
-                  iters: int = 100, latency: bool = True, flops_images: int = 4, progress: bool = False,
-                  output: str = "logits", compile_mode: Optional[str] = None) -> Dict[str, Any]:
+                  iters: int = 100, rounds: int = 5, latency: bool = True, flops_images: int = 4,
+                  progress: bool = False, output: str = "logits", compile_mode: Optional[str] = None,
+                  cuda_graphs: bool = False) -> Dict[str, Any]:
     """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
 
     ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
     (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
-    "reduce-overhead" = CUDA graphs) compiles the forward of settings with :func:`static_shapes`; the others run
-    eagerly (their merges sync with the host).
+    "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
+    ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
+    data-dependent token counts run eagerly either way (their merges sync with the host).
+
+    The timed iterations are spread over ``rounds`` rounds that visit every (setting, protocol) in turn, so slow
+    drifts of the machine (clocks, temperature, other tenants) hit all settings alike; each entry reports the
+    median over all its iterations and the median of each round ("ms_per_batch_rounds": their spread is the
+    run-to-run noise; ``rounds`` is capped at ``iters``). "host_ms_per_batch" is the time the host takes to issue
+    one forward.
 
     Returns {"config": {...}, "results": {setting: {"protocols": {protocol: throughput + tokens}, "latency_ms",
-    "gflops_per_image", "compiled"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}}}.
+    "gflops_per_image", "compiled", "cuda_graph"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}}}.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -95,29 +145,35 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"need rounds >= 1 and iters >= 1, got rounds={rounds}, iters={iters}")
+    rounds = min(rounds, iters)
     device = images.device
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
     dtype = PRECISIONS[precision]
     net.eval()
     results: Dict[str, Any] = {}
-    for name, algm in settings.items():
-        net.set_algm(algm)
-        forward = net.predict_labels if output == "labels" else net.forward
-        compiled = compile_mode is not None and static_shapes(algm)
-        if compiled:
-            torch._dynamo.reset()  # a fresh cache per setting: the merge levels are baked into the graph
-            forward = torch.compile(forward, mode=compile_mode)
-        entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {}, "compiled": compile_mode if compiled else None}
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    runners: Dict[str, Callable[[Tensor], Any]] = {}
+    batches = {protocol: _batches(images, batch_size, protocol) for protocol in protocols}
+    round_iters = -(-iters // rounds)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for name, algm in settings.items():
+            net.set_algm(algm)
+            forward = net.predict_labels if output == "labels" else net.forward
+            static = static_shapes(algm)
+            compiled = compile_mode is not None and static
+            if compiled:
+                forward = torch.compile(forward, mode=compile_mode, dynamic=False)
+            graphed = cuda_graphs and static
+            entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {},
+                                     "compiled": compile_mode if compiled else None, "cuda_graph": graphed}
             for protocol in protocols:
-                batches = _batches(images, batch_size, protocol)
                 stats = []
-                for batch in batches:
+                for batch in batches[protocol]:
                     net(batch)
                     stats.append(net.merge_stats)
-                cycle = itertools.cycle(batches)
-                timing = measure_throughput(lambda _: forward(next(cycle)), None, warmup=warmup, iters=iters,
-                                            device=device, batch_size=batch_size, progress=progress)
-                entry["protocols"][protocol] = {**timing, "tokens": _token_summary(stats)}
+                entry["protocols"][protocol] = {"tokens": _token_summary(stats)}
             if latency:
                 singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
                 # Warm up on every image at least once: token counts (shapes) differ per image, and a shape's
@@ -126,10 +182,38 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                                                          warmup=max(warmup // 5, 2 * images.shape[0]),
                                                          iters=max(iters // 2, 1), device=device,
                                                          batch_size=1)["ms_per_batch_median"]
+            runners[name] = _graphed(forward, batches[protocols[0]][0]) if graphed else forward
+            results[name] = entry
+        timings: Dict[Tuple[str, str], List[Dict[str, Any]]] = {key: [] for key in
+                                                                 itertools.product(settings, protocols)}
+        for round_index in tqdm(range(rounds), desc="rounds", disable=not progress):
+            for (name, protocol), measured in timings.items():
+                net.set_algm(settings[name])
+                cycle = itertools.cycle(batches[protocol])
+                run = runners[name]
+                measured.append(measure_throughput(
+                    lambda _: run(next(cycle)), None, warmup=warmup if round_index == 0 else max(1, warmup // rounds),
+                    iters=round_iters, device=device, batch_size=batch_size, progress=False, keep_times=True))
+                if round_index == 0:
+                    results[name]["protocols"][protocol]["host_ms_per_batch"] = _host_ms(lambda: run(next(cycle)),
+                                                                                         device)
+        for (name, protocol), measured in timings.items():
+            times = np.concatenate([m["ms_per_batch"] for m in measured])
+            median_ms = float(np.median(times))
+            peaks = [m["peak_memory_mb"] for m in measured if m["peak_memory_mb"] is not None]
+            results[name]["protocols"][protocol].update({
+                "images_per_second": batch_size / (median_ms / 1000.0) if median_ms > 0 else float("inf"),
+                "ms_per_batch_median": median_ms, "ms_per_batch_mean": float(times.mean()),
+                "ms_per_batch_p90": float(np.percentile(times, 90)), "ms_per_image": median_ms / batch_size,
+                "ms_per_batch_rounds": [m["ms_per_batch_median"] for m in measured], "iters": int(times.size),
+                "peak_memory_mb": max(peaks) if peaks else None})
+    runners.clear()  # frees the graphs' memory pools
+    for name in settings:
+        net.set_algm(settings[name])
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
-        entry["gflops_per_image"] = float(np.mean(counted)) if counted else None
-        results[name] = entry
-        logger.info("%s: %s", name, {p: round(v["images_per_second"], 1) for p, v in entry["protocols"].items()})
+        results[name]["gflops_per_image"] = float(np.mean(counted)) if counted else None
+        logger.info("%s: %s", name, {p: round(v["images_per_second"], 1)
+                                     for p, v in results[name]["protocols"].items()})
     net.set_algm(OFF)
     ratios = {}
     if "baseline" in results:
@@ -137,8 +221,8 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         ratios = {name: {p: r["protocols"][p]["images_per_second"] / base[p]["images_per_second"] for p in protocols}
                   for name, r in results.items()}
     return {"config": {"batch_size": batch_size, "precision": precision, "protocols": list(protocols),
-                       "output": output, "compile_mode": compile_mode,
-                       "warmup": warmup, "iters": iters, "num_images": int(images.shape[0]),
+                       "output": output, "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
+                       "warmup": warmup, "iters": iters, "rounds": rounds, "num_images": int(images.shape[0]),
                        "image_size": list(images.shape[-2:]), "device": _device_name(device)},
             "results": results, "ratios": ratios}
 
@@ -152,20 +236,21 @@ def _device_name(device: torch.device) -> str:
 def benchmark_table(report: Mapping[str, Any], local_layer: int = 1, global_layer: int = 5) -> str:
     """Markdown: one row per (setting, protocol) with im/s, ratio to baseline, GFLOPs, tokens after the ALGM layers."""
     rows = ["| setting | protocol | images/s | × baseline | GFLOPs/img | tokens after L{} | tokens after L{} | "
-            "final tokens | latency b=1 (ms) | peak MB |".format(local_layer, global_layer),
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "final tokens | latency b=1 (ms) | host ms/batch | peak MB |".format(local_layer, global_layer),
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in report["results"].items():
         for protocol, values in entry["protocols"].items():
             tokens = values["tokens"]["mean_tokens_per_layer"]
             ratio = report["ratios"].get(name, {}).get(protocol)
             peak = values.get("peak_memory_mb")
-            rows.append("| {} | {} | {:.1f} | {} | {} | {:.0f} | {:.0f} | {:.0f} | {} | {} |".format(
+            host = values.get("host_ms_per_batch")
+            rows.append("| {} | {} | {:.1f} | {} | {} | {:.0f} | {:.0f} | {:.0f} | {} | {} | {} |".format(
                 name, protocol, values["images_per_second"], f"{ratio:.2f}" if ratio else "—",
                 f"{entry['gflops_per_image']:.3g}" if entry.get("gflops_per_image") is not None else "—",
                 tokens[local_layer - 1] if len(tokens) >= local_layer else float("nan"),
                 tokens[global_layer - 1] if len(tokens) >= global_layer else float("nan"), tokens[-1],
                 f"{entry['latency_ms']:.2f}" if entry.get("latency_ms") is not None else "—",
-                f"{peak:.0f}" if peak else "—"))
+                f"{host:.2f}" if host is not None else "—", f"{peak:.0f}" if peak else "—"))
     return "\n".join(rows)
 
 

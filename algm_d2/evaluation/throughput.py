@@ -29,14 +29,16 @@ def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
 
 def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 10, iters: int = 50,
                        device: Union[str, torch.device, None] = None, batch_size: Optional[int] = None,
-                       progress: Optional[bool] = None, grad: bool = False) -> Dict[str, Any]:
+                       progress: Optional[bool] = None, grad: bool = False, keep_times: bool = False
+                       ) -> Dict[str, Any]:
     """Time ``fn(inputs)``: ``warmup`` untimed calls, then ``iters`` timed ones, under ``torch.no_grad()`` unless
     ``grad``. The release's protocol is one batch of 32 copies of one image.
 
     ``device`` defaults to the device of the first tensor in ``inputs``; ``batch_size`` to the first dimension of a
     tensor input or the length of a list. Returns {"device", "batch_size", "iters", "warmup", "images_per_second"
     (batch size / median batch time), "ms_per_batch_mean", "ms_per_batch_median", "ms_per_batch_p90",
-    "ms_per_image", "peak_memory_mb" (CUDA: peak allocated during the timed calls; None on CPU)}.
+    "ms_per_image", "peak_memory_mb" (CUDA: peak allocated during the timed calls; None on CPU)}, and with
+    ``keep_times`` "ms_per_batch" (every timed call, in order).
     """
     if iters <= 0 or warmup < 0:
         raise ValueError(f"measure_throughput: need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
@@ -88,6 +90,8 @@ def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 1
         "ms_per_image": median_ms / batch_size,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
     }
+    if keep_times:
+        result["ms_per_batch"] = [float(t) for t in times]
     logger.info("Throughput on %s, batch %d: %.1f images/s (median %.2f ms per batch)", result["device"], batch_size,
                 result["images_per_second"], median_ms)
     return result

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FixedLevel, Rule
-from .rules import fixed_count, merge_counts, top_rank
+from .rules import fixed_count, merge_counts, merges_nothing, top_rank
 from .state import MergeState
 
 
@@ -60,6 +60,11 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
         raise ValueError(f"window {window} is larger than the {h}x{w} patch grid")
     b, t, c = x.shape
     p = state.num_prefix
+    if merges_nothing(rule):
+        return x, state
+    cell_window = window_index(state.grid_size, window, x.device)
+    in_window = cell_window >= 0
+    gather_index = cell_window.clamp(min=0).expand(b, -1)
     if isinstance(rule, FixedLevel):  # the same count for every image, known on the host: no sync
         count = fixed_count((h // kh) * (w // kw), rule)
         counts_host = [count] * b
@@ -73,9 +78,6 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
     rank = top_rank(scores, max(counts_host))
     merged_window = rank < counts[:, None]
 
-    cell_window = window_index(state.grid_size, window, x.device)
-    in_window = cell_window >= 0
-    gather_index = cell_window.clamp(min=0).expand(b, -1)
     cell_merged = merged_window.gather(1, gather_index) & in_window
     unmerged_rank = (~cell_merged).long().cumsum(1) - 1
     dest_cells = torch.where(cell_merged, p + rank.gather(1, gather_index), p + counts[:, None] + unmerged_rank)

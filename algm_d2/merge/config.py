@@ -13,8 +13,8 @@ class FixedLevel:
     """Merge a set number of groups whatever their scores: ``count`` best groups, or ``fraction`` of the candidates.
 
     Candidates are the full k×k windows for CLAP and the mergeable A-side tokens for GBM. Used to benchmark at set
-    token counts (the paper's levels) and for ToMe-style comparisons. ``FixedLevel(count=0)`` runs the stage and
-    merges nothing (the overhead measurement).
+    token counts (the paper's levels) and for ToMe-style comparisons. ``FixedLevel(count=0)`` merges nothing: the
+    stage knows it and skips its work.
     """
 
     count: Optional[int] = None

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FixedLevel, Rule
-from .rules import descending_rank, fixed_count, merge_counts, sequence_length
+from .rules import descending_rank, fixed_count, merge_counts, merges_nothing, sequence_length
 from .state import MergeState
 
 
@@ -22,8 +22,8 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     """
     b, t, _ = x.shape
     p = state.num_prefix
-    if t - p < 2:
-        return x, state  # nothing to pair (the release returns early too)
+    if t - p < 2 or merges_nothing(rule):
+        return x, state  # nothing to pair (the release returns early too) or nothing to merge
     # A fixed level on an unpadded batch: every image has the same candidates, so the count and the output length
     # are known on the host and the stage needs no sync.
     uniform = isinstance(rule, FixedLevel) and not state.padded
@@ -46,13 +46,8 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     best = best.masked_fill(~a_ok, float("-inf"))
     if uniform:
         counts = torch.full((b,), count, dtype=torch.long, device=device)
-        seq_len, padded = p + num_a - count + num_b, False
-        num_tokens, total = torch.full((b,), seq_len, dtype=torch.long, device=device), b * seq_len
     else:
         counts = merge_counts(best, a_ok, rule, policy, layer)
-        num_tokens = p + a_ok.sum(1) - counts + b_ok.sum(1)
-        # The stage's one host sync: the output length, and whether anything merges at all.
-        seq_len, padded, total = sequence_length(num_tokens)
     merged_a = (descending_rank(best) < counts[:, None]) & a_ok
     kept_a = a_ok & ~merged_a
 
@@ -66,6 +61,14 @@ def global_merge(x: Tensor, state: MergeState, rule: Rule, policy: str, layer: i
     dest = torch.empty(b, t, dtype=torch.long, device=device)
     dest[:, 0::2] = dest_a
     dest[:, 1::2] = dest_b
+    if uniform:
+        seq_len, padded = p + num_a - count + num_b, False
+        num_tokens, total = torch.full((b,), seq_len, dtype=torch.long, device=device), b * seq_len
+    else:
+        num_tokens = p + a_ok.sum(1) - counts + b_ok.sum(1)
+        # The stage's one host sync, after the plan is queued (the GPU works while the host waits): the output
+        # length, and whether anything merges at all.
+        seq_len, padded, total = sequence_length(num_tokens)
     if seq_len == t and not padded and not state.padded:
         return state.permute(x, dest)  # nothing merged: only the release's reordering remains
     return state.apply(x, dest, num_tokens, seq_len, padded, total_tokens=total)

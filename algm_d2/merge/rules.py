@@ -61,6 +61,11 @@ def fixed_count(num_candidates: int, rule: FixedLevel) -> int:
     return round(num_candidates * rule.fraction)
 
 
+def merges_nothing(rule: Rule) -> bool:
+    """Whether a rule merges no group of any image whatever the scores (a fixed level of 0): the stage can skip."""
+    return isinstance(rule, FixedLevel) and (rule.count == 0 or rule.fraction == 0)
+
+
 def ranks_from_order(order: Tensor, size: int) -> Tensor:
     """Invert a per-row ordering of (some of) ``size`` entries: entry ``order[b, j]`` gets rank j, others ``size``."""
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)

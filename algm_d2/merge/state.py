@@ -97,12 +97,18 @@ class MergeState:
         float32 whatever ``x``'s dtype (bf16 cannot add many members exactly). Returns the merged tokens
         ``[B, seq_len, C]`` (size-weighted means, in ``x``'s dtype) and the new state.
         """
-        b, _, c = x.shape
-        sizes = self.sizes.float()[..., None]
-        weighted = torch.cat([x.float() * sizes, sizes, self.positions.float() * sizes], -1)
-        out = weighted.new_zeros(b, x.shape[1] + 1, c + 3).scatter_add(1, dest[..., None].expand(-1, -1, c + 3), weighted)
-        out = out[:, :seq_len]
-        new_sizes = out[..., c]
+        b = x.shape[0]
+        sizes = self.sizes.float()
+        # One flat index per token: image i's slot j is row i * seq_len + j, the trash (slots >= seq_len) one last row,
+        # so the sums come out as contiguous [B, seq_len, ·] blocks (no strided slices for the divisions).
+        flat = torch.where(dest < seq_len, dest + torch.arange(b, device=dest.device)[:, None] * seq_len, b * seq_len)
+        flat = flat.flatten()
+
+        def sums(values: Tensor) -> Tensor:
+            out = values.new_zeros(b * seq_len + 1, *values.shape[2:])
+            return out.index_add_(0, flat, values.flatten(0, 1))[:-1].view(b, seq_len, *values.shape[2:])
+
+        new_sizes = sums(sizes)
         # Padding slots have size 0 and stay 0; every real slot has size >= 1.
         denom = new_sizes.clamp(min=1.0)[..., None]
         state = MergeState(
@@ -110,14 +116,14 @@ class MergeState:
             num_prefix=self.num_prefix,
             index_map=dest.gather(1, self.index_map),
             sizes=new_sizes,
-            positions=out[..., c + 1:] / denom,
+            positions=sums(self.positions.float() * sizes[..., None]) / denom,
             num_tokens=num_tokens,
             padded=padded,
             merged=True,
             history=self.history,
             total_tokens=total_tokens,
         )
-        return (out[..., :c] / denom).to(x.dtype), state
+        return (sums(x.float() * sizes[..., None]) / denom).to(x.dtype), state
 
     def permute(self, x: Tensor, dest: Tensor) -> Tuple[Tensor, "MergeState"]:
         """Apply a plan that merges nothing (``dest`` a permutation of the slots): a reorder in ``x``'s own dtype,

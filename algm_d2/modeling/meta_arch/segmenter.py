@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...merge import ALGMConfig, MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..heads.segmenter_heads import MaskTransformer
-from ..ops.upsample_argmax import upsample_argmax
+from ..ops.upsample_argmax import upsample_argmax, upsample_bilinear
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY
 
 def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor:
@@ -80,8 +80,7 @@ class Segmenter(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         images = pad_to_multiple(images, self.patch_size)
-        masks = F.interpolate(self._patch_logits(images), size=images.shape[-2:], mode="bilinear",
-                              align_corners=False)
+        masks = upsample_bilinear(self._patch_logits(images), tuple(images.shape[-2:]))  # = F.interpolate
         return masks[..., :height, :width]
 
     def predict_labels(self, images: Tensor) -> Tensor:
