@@ -32,6 +32,8 @@ def test_benchmark_tool_on_cpu(tmp_path):
     assert level["protocols"]["repeat"]["tokens"]["mean_tokens_per_layer"][0] == 14
     assert level["gflops_per_image"] < base["gflops_per_image"]
     assert report["ratios"]["baseline"]["repeat"] == 1.0
+    repeat, mixed = (level["protocols"][p]["ms_per_batch_mean"] for p in ("repeat", "mixed"))
+    assert report["mixed_over_repeat"]["paper_level"] == repeat / mixed
     assert "| paper_level | repeat |" in (tmp_path / "benchmark.md").read_text()
 
 
