@@ -45,3 +45,13 @@ def test_calibration_tool_writes_per_layer_thresholds(tmp_path):
         "MODEL.BACKBONE.NUM_HEADS", "2"])
     layers = json.loads(out.read_text())["layers"]
     assert set(layers) == {"1", "3"} and all(v["images"] == 4 for v in layers.values())
+
+
+def test_decode_tail_tool_on_cpu(tmp_path):
+    out = tmp_path / "tail.json"
+    load_tool("benchmark_decode_tail").main(["--device", "cpu", "--dtypes", "fp32", "--layouts", "nhwc", "--kinds",
+                                             "smooth", "--warmup", "1", "--iters", "2", "--copy-mb", "4",
+                                             "--upsample", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["identical"] == 1.0 and row["upsample"]["identical"]
+    assert row["upsample"]["upsample_bilinear"]["ms"] > 0 and row["upsample"]["floor_ms"] > 0

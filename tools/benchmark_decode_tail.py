@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The evaluation's decode tail — bilinear upsampling of class logits + argmax over classes — against its memory
-floor: (a) ``F.interpolate(...).argmax(1)``, (b) the fused ``upsample_argmax``.
+floor: (a) ``F.interpolate(...).argmax(1)``, (b) the fused ``upsample_argmax``; with ``--upsample`` also the
+full-resolution logits alone, ``F.interpolate`` vs ``upsample_bilinear`` (floor: logits read + written).
 
 Floor = (bytes of logits read + bytes of int64 labels written) / the device's copy bandwidth, measured as
 (bytes read + bytes written) / time of a ``dst.copy_(src)`` of ``--copy-mb`` (1 GiB on CUDA). Times are medians of
@@ -14,6 +15,7 @@ the labels depend on every rounding, so (b) matches (a) only with PyTorch's exac
 (contiguous) and ``nhwc`` (channels last, as the Segmenter head emits its grid; PyTorch then runs another kernel).
 
   python tools/benchmark_decode_tail.py --out decode_tail.json            # 32×150×32² → 512², on a GPU
+  python tools/benchmark_decode_tail.py --upsample --kinds smooth --dtypes fp32,bf16,fp16 --out upsample.json
   python tools/benchmark_decode_tail.py --batch 8 --classes 150 --grid 128x128 --size 512x512   # Mask2Former-like
   python tools/benchmark_decode_tail.py --device cpu --out /tmp/d.json     # tiny shapes, the reference alone
 """
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.modeling.ops.upsample_argmax import upsample_argmax  # noqa: E402
+from algm_d2.modeling.ops.upsample_argmax import upsample_argmax, upsample_bilinear  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("random", "smooth", "ties")
@@ -107,6 +109,21 @@ def copy_bandwidth(device: torch.device, megabytes: int, warmup: int, iters: int
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
+def upsample_row(logits: torch.Tensor, size: Tuple[int, int], bandwidth: float, device: torch.device,
+                 args: argparse.Namespace) -> Dict[str, Any]:
+    """Full-resolution logits: time of each side, × its floor, and whether the values are bit-identical."""
+    plain = partial(F.interpolate, logits, size=size, mode="bilinear", align_corners=False)
+    ours = partial(upsample_bilinear, logits, size, impl="triton" if device.type == "cuda" else "reference")
+    expected, got = plain(), ours()
+    floor_ms = (logits.numel() + expected.numel()) * logits.element_size() / bandwidth * 1e3
+    row: Dict[str, Any] = {"floor_ms": floor_ms,
+                           "identical": bool(((got == expected) | (got.isnan() & expected.isnan())).all())}
+    for name, call in (("interpolate", plain), ("upsample_bilinear", ours)):
+        ms = median_ms(call, device, args.warmup, args.iters)
+        row[name] = {"ms": ms, "x_floor": ms / floor_ms}
+    return row
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     batch, classes, grid, size = DEFAULTS[device.type]
@@ -137,6 +154,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 mismatched = int((labels["fused"] != labels["interpolate+argmax"]).sum())
                 row["mismatched_labels"] = mismatched
                 row["identical"] = 1.0 - mismatched / labels["fused"].numel()
+                if args.upsample:
+                    row["upsample"] = upsample_row(logits, size, bandwidth, device, args)
                 rows.append(row)
     return {
         "command": " ".join(sys.argv),
@@ -169,6 +188,16 @@ def markdown(report: Dict[str, Any]) -> str:
                      f"| {plain['ms']:.3f} | {plain['x_floor']:.1f} | {peak(plain['peak_mb'])} "
                      f"| {fused['ms']:.3f} | {fused['x_floor']:.1f} | {peak(fused['peak_mb'])} "
                      f"| {row['identical']:.7f} ({row['mismatched_labels']} differ) |")
+    upsampled = [row for row in report["rows"] if "upsample" in row]
+    if upsampled:
+        lines += ["", "| dtype | layout | logits | floor ms | interpolate ms | × floor | upsample_bilinear ms | × floor "
+                  "| identical values |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        for row in upsampled:
+            up = row["upsample"]
+            lines.append(f"| {row['dtype']} | {row['layout']} | {row['logits']} | {up['floor_ms']:.3f} "
+                         f"| {up['interpolate']['ms']:.3f} | {up['interpolate']['x_floor']:.1f} "
+                         f"| {up['upsample_bilinear']['ms']:.3f} | {up['upsample_bilinear']['x_floor']:.2f} "
+                         f"| {up['identical']} |")
     return "\n".join(lines)
 
 
@@ -185,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--copy-mb", type=int, help="copy size for the bandwidth, default 1024 (cuda) / 64 (cpu)")
+    parser.add_argument("--upsample", action="store_true",
+                        help="also time the full-resolution logits alone (F.interpolate vs upsample_bilinear)")
     parser.add_argument("--out", default="decode_tail.json")
     args = parser.parse_args(argv)
     report = run(args)

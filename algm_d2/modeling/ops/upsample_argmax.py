@@ -121,6 +121,15 @@ def _suggests_channels_last(t: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _corners(image, offset, o00, o01, o10, o11, mask):
+        """The four corners ``image[offset + o..]`` as float32 (int32 offsets from one base pointer)."""
+        v00 = tl.load(image + (o00 + offset), mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(image + (o01 + offset), mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(image + (o10 + offset), mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(image + (o11 + offset), mask=mask, other=0.0).to(tl.float32)
+        return v00, v01, v10, v11
+
+    @triton.jit
     def _cell_candidates(logits, candidates, counts, K, h, w, stride_b, stride_k, stride_y, stride_x,
                          MARGIN: tl.constexpr, LARGE: tl.constexpr, CELLS: tl.constexpr, CLASSES: tl.constexpr):
         # [CELLS, CLASSES] tiles: a few iterations over K instead of a chain of K dependent loads per cell
@@ -142,10 +151,7 @@ if triton is not None:
         for start in range(0, K, CLASSES):
             k = start + tl.arange(0, CLASSES)[None, :]
             live = ok[:, None] & (k < K)
-            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
             large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
             low = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11)) - (MARGIN * large + 9.5367431640625e-07)
             floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=1))
@@ -158,10 +164,7 @@ if triton is not None:
         for start in range(0, K, CLASSES):
             k = start + tl.arange(0, CLASSES)[None, :]
             live = ok[:, None] & (k < K)
-            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
             large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
             high = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11)) + (MARGIN * large + 9.5367431640625e-07)
             keep = (live & ((unbounded[:, None] > 0) | (high >= floor[:, None]))).to(tl.int32)
@@ -227,10 +230,7 @@ if triton is not None:
         for c in range(tl.max(n)):
             live = c < n
             k = tl.load(cell_classes + (cell_k + c), mask=live, other=0).to(tl.int32)
-            v00 = tl.load(image + (o00 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v01 = tl.load(image + (o01 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v10 = tl.load(image + (o10 + k * stride_k), mask=live, other=0.0).to(tl.float32)
-            v11 = tl.load(image + (o11 + k * stride_k), mask=live, other=0.0).to(tl.float32)
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
             value = _round_to_input(_bilinear(v00, v01, v10, v11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
             # candidates come in increasing class order: strictly greater keeps the first maximum; NaN beats numbers
             better = live & ((value > best) | ((value != value) & (best == best)))
@@ -253,10 +253,8 @@ if triton is not None:
         y0, y1, ly0, ly1 = _source_axis(y, h, scale_h)
         x0, x1, lx0, lx1 = _source_axis(x, w, scale_w)
         image = src + b * s_b + k * s_k
-        v00 = tl.load(image + (y0 * s_y + x0 * s_x), mask=ok, other=0.0).to(tl.float32)
-        v01 = tl.load(image + (y0 * s_y + x1 * s_x), mask=ok, other=0.0).to(tl.float32)
-        v10 = tl.load(image + (y1 * s_y + x0 * s_x), mask=ok, other=0.0).to(tl.float32)
-        v11 = tl.load(image + (y1 * s_y + x1 * s_x), mask=ok, other=0.0).to(tl.float32)
+        v00, v01, v10, v11 = _corners(image, 0, y0 * s_y + x0 * s_x, y0 * s_y + x1 * s_x, y1 * s_y + x0 * s_x,
+                                      y1 * s_y + x1 * s_x, ok)
         value = _round_to_input(_bilinear(v00, v01, v10, v11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
         plane = dst + (b * K + k) * H * W
         tl.store(plane + (y * W + x), value.to(dst.dtype.element_ty), mask=ok)
