@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from algm_d2 import ALGMConfig, apply_algm
 from algm_d2.merge import FixedLevel, MergeState
 from algm_d2.merge.packing import PackedLayout
-from algm_d2.modeling.ops.varlen_attention import varlen_attention_reference
+from algm_d2.modeling.ops.varlen_attention import (flash_varlen_available, varlen_attention,
+                                                   varlen_attention_efficient, varlen_attention_reference)
 
 
 def state_with_counts(counts):
@@ -51,6 +52,25 @@ def test_varlen_reference_equals_attention_per_image():
         expected = F.scaled_dot_product_attention(*part).transpose(0, 1)
         torch.testing.assert_close(out[start:start + n], expected, rtol=1e-12, atol=1e-12)
         start += n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_varlen_kernels_equal_attention_per_image(dtype):
+    """The kernel ``varlen_attention`` picks (flash in bf16, memory-efficient in fp32) and the memory-efficient one
+    in both dtypes, against a float64 per-image reference (on a GPU machine; CI has none)."""
+    counts = [37, 5, 130, 64]
+    layout = PackedLayout.from_state(state_with_counts(counts))
+    layout = PackedLayout(layout.cu_seqlens.cuda(), layout.max_seqlen, layout.total, layout.pack_index.cuda(),
+                          layout.unpack_index.cuda())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(counts), 3, 64, generator=g).to("cuda", dtype) for _ in range(3))
+    expected = varlen_attention_reference(q.double(), k.double(), v.double(), layout)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert flash_varlen_available(q) == (dtype == torch.bfloat16)
+    for out in (varlen_attention(q, k, v, layout), varlen_attention_efficient(q, k, v, layout)):
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("global_rule", ["batch_stats", FixedLevel(fraction=0.3)])
