@@ -153,17 +153,25 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                 x[:, 2] = x[:, 1]  # exact ties
             cases.append((x, (height, width), True))
         cases.append((smooth(2, 20, 4, 5).to(dtype), (12, 17), True))
+        # power-of-two factors ≥ 8: the one-kernel path (_upsample_argmax_cells), smooth and random, both layouts
+        cases.append((smooth(2, 20, 3, 2).to(dtype), (24, 16), True))
+        cases.append((smooth(1, 20, 2, 3).to(dtype).contiguous(memory_format=torch.channels_last), (32, 24), True))
+        cases.append((torch.randn(2, 5, 2, 3).to(dtype), (16, 48), True))
         cases.append((smooth(2, 20, 4, 5).to(dtype).contiguous(memory_format=torch.channels_last), (12, 17), True))
     for dtype in (torch.float32, torch.bfloat16):
         for k, h, w, height, width in [(16, 3, 4, 10, 9), (2, 9, 9, 23, 20)]:
             cases.append((near_ties(k, h, w, dtype), (height, width), False))
             cases.append((near_ties(k, h, w, dtype).contiguous(memory_format=torch.channels_last), (height, width),
                           False))
+        cases.append((near_ties(16, 2, 3, dtype).contiguous(memory_format=torch.channels_last), (16, 24), False))
         x = torch.randn(2, 4, 4, 5)
         x[0, 1, 1, 2], x[0, 3, 2, 2], x[1, 2, 0, 0] = float("nan"), float("nan"), float("nan")
         x[0, 0, 3, 4], x[1, 1, 2, 3], x[1, 3, 2, 4] = float("inf"), float("-inf"), float("inf")
         cases.append((x.to(dtype), (9, 11), False))  # NaN, and NaN from 0 * inf and inf - inf
         cases.append((x.to(dtype), (4, 5), False))  # same size: a copy, inf stays inf
+        cases.append((x.to(dtype), (32, 40), False))  # the same non-finite values on the one-kernel path
+    assert ops._cell_factors(2, 3, 16, 48) == (8, 16) and ops._cell_factors(4, 6, 16, 24) is None
+    assert ops._cell_factors(3, 3, 24, 36) is None and ops._cell_factors(4, 4, 64, 60) is None
     for i, (x, size, random) in enumerate(cases):
         got = ops.upsample_argmax(x, size, impl="triton")
         assert torch.equal(got, cuda_labels(x, size)), (i, x.dtype, tuple(x.shape), size)
@@ -172,6 +180,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         assert values.is_contiguous(), i  # NCHW whatever the input's layout
         if random and x.dtype == torch.float32:  # no near ties: the CPU kernel's roundings agree
             assert torch.equal(got, F.interpolate(x, size=size, mode="bilinear", align_corners=False).argmax(1)), i
+
+    # the one-kernel path visiting the classes in several register tiles
+    ops._CELL_CLASSES = 8
+    for i, (x, size, _) in enumerate(cases):
+        if ops._cell_factors(*x.shape[2:], *size) is not None:
+            assert torch.equal(ops.upsample_argmax(x, size, impl="triton"), cuda_labels(x, size)), ("chunks", i)
 
     # pruning: smooth logits leave few candidates, in increasing order, including every pixel's winner
     x = smooth(2, 20, 4, 5)

@@ -20,6 +20,12 @@ and, on CUDA, never materialises that tensor:
    arithmetic of PyTorch's CUDA kernel, rounded to the logits' dtype as ``interpolate``'s output is, keeping the
    first maximum as ``argmax`` does. Only the int64 labels are written; the workspace is the candidate lists,
    ``[B, h·w, K]`` int16 (the size of the logits in bfloat16), of which only the kept entries are touched.
+3. ``_upsample_argmax_cells`` replaces both when the output is the input times powers of two ≥ 8 (the Segmenter's
+   32² → 512²). Then the source positions are exact and output row ``r`` reads source rows ``y0 = t - 1`` (``t = 0``:
+   row 0) for ``r`` in ``[t·f - f/2, t·f + f/2)``: the output splits into f×f blocks (half blocks at the borders)
+   whose pixels all interpolate the same cell. One program per block finds the cell's candidates as in 1. and
+   evaluates them from the same four corners at every pixel, with the arithmetic of 2.: no workspace, no per-pixel
+   gathers, one launch (on an H200 1.7 → ? ms... see docs/BENCHMARKS.md).
 
 PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
@@ -34,7 +40,7 @@ follow PyTorch's arithmetic, including NaN from ``0 * inf``.
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +72,12 @@ _CELLS, _CLASSES = 32, 32  # tile of the candidate kernel
 _UPSAMPLE_TILE = (4, 256, 4)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE_H, _TILE_W = 8, 32  # output pixels per program of the label kernel
+# The one-kernel path for power-of-two upsampling factors: factors from 8 (blocks of 64 pixels and more per program);
+# classes per register tile (more are visited in chunks) and output pixels per warp. On an H200 at 32×150×32² →
+# 512² (16×16 blocks) one warp with 64-class tiles was fastest: 72 µs vs 126 (two warps, 256 classes), 217 (four)
+_MIN_CELL_FACTOR = 8
+_CELL_CLASSES = 64
+_CELL_PIXELS_PER_WARP = 256
 
 
 def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -130,6 +142,17 @@ if triton is not None:
         return v00, v01, v10, v11
 
     @triton.jit
+    def _class_bounds(v00, v01, v10, v11, MARGIN: tl.constexpr, LARGE: tl.constexpr):
+        """Per class: bounds on every value interpolated from these corners, widened by the rounding margins, and
+        whether all four corners are finite and below ``LARGE`` (NaN fails every comparison: each corner is tested)."""
+        large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
+        slack = MARGIN * large + 9.5367431640625e-07
+        low = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11)) - slack
+        high = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11)) + slack
+        finite = (tl.abs(v00) < LARGE) & (tl.abs(v01) < LARGE) & (tl.abs(v10) < LARGE) & (tl.abs(v11) < LARGE)
+        return low, high, finite
+
+    @triton.jit
     def _cell_candidates(logits, candidates, counts, K, h, w, stride_b, stride_k, stride_y, stride_x,
                          MARGIN: tl.constexpr, LARGE: tl.constexpr, CELLS: tl.constexpr, CLASSES: tl.constexpr):
         # [CELLS, CLASSES] tiles: a few iterations over K instead of a chain of K dependent loads per cell
@@ -152,11 +175,8 @@ if triton is not None:
             k = start + tl.arange(0, CLASSES)[None, :]
             live = ok[:, None] & (k < K)
             v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
-            large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
-            low = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11)) - (MARGIN * large + 9.5367431640625e-07)
+            low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
             floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=1))
-            # NaN fails every comparison: test each corner
-            finite = (tl.abs(v00) < LARGE) & (tl.abs(v01) < LARGE) & (tl.abs(v10) < LARGE) & (tl.abs(v11) < LARGE)
             unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=1))
         # pass 2: the classes whose upper bound reaches it, appended in increasing order
         n = tl.zeros([CELLS], tl.int32)
@@ -165,8 +185,7 @@ if triton is not None:
             k = start + tl.arange(0, CLASSES)[None, :]
             live = ok[:, None] & (k < K)
             v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
-            large = tl.maximum(tl.maximum(tl.abs(v00), tl.abs(v01)), tl.maximum(tl.abs(v10), tl.abs(v11)))
-            high = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11)) + (MARGIN * large + 9.5367431640625e-07)
+            low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
             keep = (live & ((unbounded[:, None] > 0) | (high >= floor[:, None]))).to(tl.int32)
             slot = n[:, None] + tl.cumsum(keep, axis=1) - keep
             tl.store(out + slot, k + tl.zeros([CELLS, CLASSES], tl.int32), mask=keep > 0)
@@ -238,6 +257,62 @@ if triton is not None:
             best_k = tl.where(better, k, best_k)
         tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
 
+
+
+    @triton.jit
+    def _upsample_argmax_cells(logits, labels, K, h, w, H, W, stride_b, stride_k, stride_y, stride_x, scale_h,
+                               scale_w, MARGIN: tl.constexpr, LARGE: tl.constexpr, FACTOR_H: tl.constexpr,
+                               FACTOR_W: tl.constexpr, CLASSES: tl.constexpr, TOP_W1_FUSED: tl.constexpr,
+                               ROUNDING: tl.constexpr):
+        # one program per block of output pixels that all interpolate source cell (cy, cx) (module docstring, 3.)
+        tile = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        ty = tile // (w + 1)
+        tx = tile % (w + 1)
+        cy = tl.maximum(ty - 1, 0)
+        cx = tl.maximum(tx - 1, 0)
+        cy1 = cy + (cy < h - 1).to(tl.int32)
+        cx1 = cx + (cx < w - 1).to(tl.int32)
+        image = logits + b * stride_b
+        o00, o01 = cy * stride_y + cx * stride_x, cy * stride_y + cx1 * stride_x
+        o10, o11 = cy1 * stride_y + cx * stride_x, cy1 * stride_y + cx1 * stride_x
+        # the cell's largest lower bound and whether it is unbounded (as _cell_candidates)
+        floor = tl.full([], float("-inf"), tl.float32)
+        unbounded = tl.full([], 0, tl.int32)
+        for start in range(0, K, CLASSES):
+            k = start + tl.arange(0, CLASSES)
+            live = k < K
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
+            low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
+            floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=0))
+            unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=0))
+        y = ty * FACTOR_H - FACTOR_H // 2 + tl.arange(0, FACTOR_H)[:, None]
+        x = tx * FACTOR_W - FACTOR_W // 2 + tl.arange(0, FACTOR_W)[None, :]
+        ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        row0, row1, ly0, ly1 = _source_axis(tl.maximum(y, 0), h, scale_h)  # rows: (cy, cy1) on the block
+        col0, col1, lx0, lx1 = _source_axis(tl.maximum(x, 0), w, scale_w)
+        best = tl.full([FACTOR_H, FACTOR_W], float("-inf"), tl.float32)
+        best_k = tl.zeros([FACTOR_H, FACTOR_W], tl.int32)
+        for start in range(0, K, CLASSES):
+            k = start + tl.arange(0, CLASSES)
+            live = k < K
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
+            low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
+            keep = live & ((unbounded > 0) | (high >= floor))
+            rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            # the kept classes in increasing order, each read out of the registers by a one-hot sum (exact; NaN
+            # and inf survive), then evaluated at every pixel of the block from the same four corners
+            for j in range(tl.sum(keep.to(tl.int32), axis=0)):
+                one = keep & (rank == j)
+                c00 = tl.sum(tl.where(one, v00, 0.0), axis=0)
+                c01 = tl.sum(tl.where(one, v01, 0.0), axis=0)
+                c10 = tl.sum(tl.where(one, v10, 0.0), axis=0)
+                c11 = tl.sum(tl.where(one, v11, 0.0), axis=0)
+                value = _round_to_input(_bilinear(c00, c01, c10, c11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
+                better = (value > best) | ((value != value) & (best == best))
+                best = tl.where(better, value, best)
+                best_k = tl.where(better, tl.sum(tl.where(one, k, 0), axis=0), best_k)
+        tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
 
     @triton.jit
     def _upsample_bilinear(src, dst, K, h, w, H, W, s_b, s_k, s_y, s_x, scale_h, scale_w,
@@ -319,8 +394,20 @@ def upsample_bilinear(logits: Tensor, size: Tuple[int, int], *, impl: str = "aut
     return _interpolate(logits, size)
 
 
+def _cell_factors(h: int, w: int, height: int, width: int) -> Optional[Tuple[int, int]]:
+    """The integer upsampling factors when both are powers of two of at least ``_MIN_CELL_FACTOR`` (then
+    ``_upsample_argmax_cells`` applies: every factor × factor block, offset by half a factor, reads one cell), else
+    None."""
+    factors = (height // h, width // w)
+    if (factors[0] * h, factors[1] * w) != (height, width):
+        return None
+    if all(f >= _MIN_CELL_FACTOR and f & (f - 1) == 0 for f in factors):
+        return factors
+    return None
+
+
 def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
-    """The two kernels (module docstring); any strides, float32 / bfloat16 / float16."""
+    """The kernels of the module docstring; any strides, float32 / bfloat16 / float16."""
     if triton is None:
         raise RuntimeError("upsample_argmax impl='triton' needs triton")
     if logits.dtype not in _ROUNDING:
@@ -332,6 +419,15 @@ def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
     strides = logits.stride()
     _check_int32_offsets(logits, height * width, "upsample_argmax")
     labels = torch.empty(b, height, width, dtype=torch.long, device=logits.device)
+    factors = _cell_factors(h, w, height, width)
+    if factors is not None:
+        classes = min(triton.next_power_of_2(k), _CELL_CLASSES)
+        _upsample_argmax_cells[((h + 1) * (w + 1), b)](
+            logits, labels, k, h, w, height, width, *strides, *_pytorch_scales(h, w, height, width),
+            MARGIN=_MARGIN[logits.dtype], LARGE=_LARGE[logits.dtype], FACTOR_H=factors[0], FACTOR_W=factors[1],
+            CLASSES=classes, TOP_W1_FUSED=_nhwc_top_row(logits), ROUNDING=_ROUNDING[logits.dtype],
+            num_warps=max(1, min(8, factors[0] * factors[1] // _CELL_PIXELS_PER_WARP)))
+        return labels
     candidates = torch.empty(b, h * w, k, dtype=torch.int16 if k <= 1 << 15 else torch.int32, device=logits.device)
     counts = torch.empty(b, h * w, dtype=torch.int32, device=logits.device)
     _cell_candidates[(triton.cdiv(h * w, _CELLS), b)](
