@@ -25,7 +25,7 @@ and, on CUDA, never materialises that tensor:
    row 0) for ``r`` in ``[t·f - f/2, t·f + f/2)``: the output splits into f×f blocks (half blocks at the borders)
    whose pixels all interpolate the same cell. One program per block finds the cell's candidates as in 1. and
    evaluates them from the same four corners at every pixel, with the arithmetic of 2.: no workspace, no per-pixel
-   gathers, one launch (on an H200 1.7 → ? ms... see docs/BENCHMARKS.md).
+   gathers, one launch, each corner read by the four blocks around it instead of by every pixel.
 
 PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
@@ -73,10 +73,11 @@ _UPSAMPLE_TILE = (4, 256, 4)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE_H, _TILE_W = 8, 32  # output pixels per program of the label kernel
 # The one-kernel path for power-of-two upsampling factors: factors from 8 (blocks of 64 pixels and more per program);
-# classes per register tile (more are visited in chunks) and output pixels per warp. On an H200 at 32×150×32² →
-# 512² (16×16 blocks) one warp with 64-class tiles was fastest: 72 µs vs 126 (two warps, 256 classes), 217 (four)
+# classes per register tile (more are visited in tiles, reading the corners twice) and output pixels per warp. On an
+# H100 at 32×150×32² → 512² (16×16 blocks), float32: one warp reading all 150 classes at once 65 µs channels-last /
+# 125 µs NCHW; 64-class tiles 63 / 190 µs; two warps 76 / 150 µs
 _MIN_CELL_FACTOR = 8
-_CELL_CLASSES = 64
+_CELL_CLASSES = 256
 _CELL_PIXELS_PER_WARP = 256
 
 
@@ -260,10 +261,25 @@ if triton is not None:
 
 
     @triton.jit
+    def _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best, best_k,
+                        TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
+        """Fold the kept classes of one class tile (in increasing order) into the block's running argmax: each class
+        id read out of the registers by a one-hot sum, its four corners re-read (cache hits) as scalars."""
+        rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        for j in range(tl.sum(keep.to(tl.int32), axis=0)):
+            kj = tl.sum(tl.where(keep & (rank == j), k, 0), axis=0)
+            c00, c01, c10, c11 = _corners(image, kj * stride_k, o00, o01, o10, o11, True)
+            value = _round_to_input(_bilinear(c00, c01, c10, c11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
+            better = (value > best) | ((value != value) & (best == best))
+            best = tl.where(better, value, best)
+            best_k = tl.where(better, kj, best_k)
+        return best, best_k
+
+    @triton.jit
     def _upsample_argmax_cells(logits, labels, K, h, w, H, W, stride_b, stride_k, stride_y, stride_x, scale_h,
                                scale_w, MARGIN: tl.constexpr, LARGE: tl.constexpr, FACTOR_H: tl.constexpr,
-                               FACTOR_W: tl.constexpr, CLASSES: tl.constexpr, TOP_W1_FUSED: tl.constexpr,
-                               ROUNDING: tl.constexpr):
+                               FACTOR_W: tl.constexpr, CLASSES: tl.constexpr, ONE_TILE: tl.constexpr,
+                               TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
         # one program per block of output pixels that all interpolate source cell (cy, cx) (module docstring, 3.)
         tile = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -276,16 +292,6 @@ if triton is not None:
         image = logits + b * stride_b
         o00, o01 = cy * stride_y + cx * stride_x, cy * stride_y + cx1 * stride_x
         o10, o11 = cy1 * stride_y + cx * stride_x, cy1 * stride_y + cx1 * stride_x
-        # the cell's largest lower bound and whether it is unbounded (as _cell_candidates)
-        floor = tl.full([], float("-inf"), tl.float32)
-        unbounded = tl.full([], 0, tl.int32)
-        for start in range(0, K, CLASSES):
-            k = start + tl.arange(0, CLASSES)
-            live = k < K
-            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
-            low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
-            floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=0))
-            unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=0))
         y = ty * FACTOR_H - FACTOR_H // 2 + tl.arange(0, FACTOR_H)[:, None]
         x = tx * FACTOR_W - FACTOR_W // 2 + tl.arange(0, FACTOR_W)[None, :]
         ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
@@ -293,25 +299,34 @@ if triton is not None:
         col0, col1, lx0, lx1 = _source_axis(tl.maximum(x, 0), w, scale_w)
         best = tl.full([FACTOR_H, FACTOR_W], float("-inf"), tl.float32)
         best_k = tl.zeros([FACTOR_H, FACTOR_W], tl.int32)
-        for start in range(0, K, CLASSES):
-            k = start + tl.arange(0, CLASSES)
+        if ONE_TILE:  # K <= CLASSES: the corners are read once for the bounds and the candidates
+            k = tl.arange(0, CLASSES)
             live = k < K
             v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
             low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
+            floor = tl.max(tl.where(live, low, float("-inf")), axis=0)
+            unbounded = tl.max((live & ~finite).to(tl.int32), axis=0)
             keep = live & ((unbounded > 0) | (high >= floor))
-            rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            # the kept classes in increasing order, each read out of the registers by a one-hot sum (exact; NaN
-            # and inf survive), then evaluated at every pixel of the block from the same four corners
-            for j in range(tl.sum(keep.to(tl.int32), axis=0)):
-                one = keep & (rank == j)
-                c00 = tl.sum(tl.where(one, v00, 0.0), axis=0)
-                c01 = tl.sum(tl.where(one, v01, 0.0), axis=0)
-                c10 = tl.sum(tl.where(one, v10, 0.0), axis=0)
-                c11 = tl.sum(tl.where(one, v11, 0.0), axis=0)
-                value = _round_to_input(_bilinear(c00, c01, c10, c11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
-                better = (value > best) | ((value != value) & (best == best))
-                best = tl.where(better, value, best)
-                best_k = tl.where(better, tl.sum(tl.where(one, k, 0), axis=0), best_k)
+            best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best,
+                                           best_k, TOP_W1_FUSED, ROUNDING)
+        else:  # the cell's largest lower bound over all tiles first (as _cell_candidates), then the candidates
+            floor = tl.full([], float("-inf"), tl.float32)
+            unbounded = tl.full([], 0, tl.int32)
+            for start in range(0, K, CLASSES):
+                k = start + tl.arange(0, CLASSES)
+                live = k < K
+                v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
+                low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
+                floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=0))
+                unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=0))
+            for start in range(0, K, CLASSES):
+                k = start + tl.arange(0, CLASSES)
+                live = k < K
+                v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
+                low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
+                keep = live & ((unbounded > 0) | (high >= floor))
+                best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1,
+                                               best, best_k, TOP_W1_FUSED, ROUNDING)
         tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
 
     @triton.jit
@@ -425,7 +440,7 @@ def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
         _upsample_argmax_cells[((h + 1) * (w + 1), b)](
             logits, labels, k, h, w, height, width, *strides, *_pytorch_scales(h, w, height, width),
             MARGIN=_MARGIN[logits.dtype], LARGE=_LARGE[logits.dtype], FACTOR_H=factors[0], FACTOR_W=factors[1],
-            CLASSES=classes, TOP_W1_FUSED=_nhwc_top_row(logits), ROUNDING=_ROUNDING[logits.dtype],
+            CLASSES=classes, ONE_TILE=k <= classes, TOP_W1_FUSED=_nhwc_top_row(logits), ROUNDING=_ROUNDING[logits.dtype],
             num_warps=max(1, min(8, factors[0] * factors[1] // _CELL_PIXELS_PER_WARP)))
         return labels
     candidates = torch.empty(b, h * w, k, dtype=torch.int16 if k <= 1 << 15 else torch.int32, device=logits.device)
