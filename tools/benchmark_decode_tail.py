@@ -5,7 +5,8 @@ full-resolution logits alone, ``F.interpolate`` vs ``upsample_bilinear`` (floor:
 
 Floor = (bytes of logits read + bytes of int64 labels written) / the device's copy bandwidth, measured as
 (bytes read + bytes written) / time of a ``dst.copy_(src)`` of ``--copy-mb`` (1 GiB on CUDA). Times are medians of
-per-call CUDA events after warm-up calls; peak memory is the most allocated above the inputs during one call,
+per-call CUDA events after warm-up calls (host launch time included: a single call of a ~0.1 ms kernel waits for its
+launch) and, on CUDA, GPU times of calls queued behind a spin kernel (kernel time only); peak memory is the most allocated above the inputs during one call,
 labels included. ``identical`` compares (a) and (b) label by label and must be 1.0.
 
 Logits: ``random`` (i.i.d. normal: most classes stay candidates, the fused kernel's worst case short of ties),
@@ -89,6 +90,28 @@ def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: i
     return statistics.median(times)
 
 
+def gpu_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, calls: int = 10) -> Optional[float]:
+    """GPU time per call without the host's launch time: ``calls`` calls are queued behind a ~5 ms spin kernel, so
+    the events around them time only the kernels (as in an evaluation, where the tail is queued after the forward).
+    Median over ``iters // calls`` repetitions; None on CPU."""
+    if device.type != "cuda":
+        return None
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(max(1, iters // calls)):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(10_000_000)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def peak_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
     """Most memory allocated above what was live before one call (its output included); None on CPU."""
     if device.type != "cuda":
@@ -149,7 +172,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 for name, method in methods.items():
                     call = partial(method, logits)
                     ms = median_ms(call, device, args.warmup, args.iters)
-                    row[name] = {"ms": ms, "x_floor": ms / floor_ms, "peak_mb": peak_mb(call, device)}
+                    gpu = gpu_ms(call, device, args.warmup, args.iters)
+                    row[name] = {"ms": ms, "x_floor": ms / floor_ms, "gpu_ms": gpu,
+                                 "gpu_x_floor": None if gpu is None else gpu / floor_ms, "peak_mb": peak_mb(call, device)}
                     labels[name] = call()
                 mismatched = int((labels["fused"] != labels["interpolate+argmax"]).sum())
                 row["mismatched_labels"] = mismatched
@@ -175,19 +200,24 @@ def markdown(report: Dict[str, Any]) -> str:
     b, k, h, w = report["shape"]
     lines = [f"{report['device']}: {b}×{k}×{h}×{w} → {report['size'][0]}×{report['size'][1]}, fused = "
              f"{report['fused_impl']}, copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s (read + write)", "",
-             "| dtype | layout | logits | floor µs | interpolate+argmax ms | × floor | peak MB | fused ms | × floor "
-             "| peak MB | identical |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ms: one call between CUDA events (host launch included); GPU µs: calls queued behind a spin kernel "
+             "(kernel time only)", "",
+             "| dtype | layout | logits | floor µs | interpolate+argmax ms | × floor | peak MB | fused ms | fused GPU µs "
+             "| GPU × floor | peak MB | identical |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def peak(value: Optional[float]) -> str:
         return "–" if value is None else f"{value:.0f}"
+
+    def gpu(value: Optional[float], scale: float = 1.0, digits: int = 1) -> str:
+        return "–" if value is None else f"{value * scale:.{digits}f}"
 
     for row in report["rows"]:
         plain, fused = row["interpolate+argmax"], row["fused"]
         lines.append(f"| {row['dtype']} | {row['layout']} | {row['logits']} | {row['floor_ms'] * 1e3:.1f} "
                      f"| {plain['ms']:.3f} | {plain['x_floor']:.1f} | {peak(plain['peak_mb'])} "
-                     f"| {fused['ms']:.3f} | {fused['x_floor']:.1f} | {peak(fused['peak_mb'])} "
-                     f"| {row['identical']:.7f} ({row['mismatched_labels']} differ) |")
+                     f"| {fused['ms']:.3f} | {gpu(fused['gpu_ms'], 1e3)} | {gpu(fused['gpu_x_floor'], digits=2)} "
+                     f"| {peak(fused['peak_mb'])} | {row['identical']:.7f} ({row['mismatched_labels']} differ) |")
     upsampled = [row for row in report["rows"] if "upsample" in row]
     if upsampled:
         lines += ["", "| dtype | layout | logits | floor ms | interpolate ms | × floor | upsample_bilinear ms | × floor "
