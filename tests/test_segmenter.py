@@ -126,12 +126,19 @@ def _split(encoded):
     return tokens[:, state.num_prefix:], state
 
 
-def test_per_image_batch_equals_one_image_per_forward(release_dir):
-    """Padded per-image merging (key mask in encoder and decoder) equals running each image alone."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_per_image_batch_equals_one_image_per_forward(release_dir, packed, monkeypatch):
+    """Per-image merging equals running each image alone: packed (valid tokens only, variable-length attention in
+    encoder and mask-transformer decoder) and padded (key masks)."""
     directory, _ = release_dir
     algm = ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
                       batch_policy="per_image")
     model = load_model(directory / "checkpoint.pth", algm=algm)
+    model.encoder.packed_attention = model.decoder.packed_attention = packed
+    layouts = []
+    find_layout = type(model.decoder)._packed_layout
+    monkeypatch.setattr(type(model.decoder), "_packed_layout",
+                        lambda self, state: layouts.append(find_layout(self, state)) or layouts[-1])
     torch.manual_seed(1)
     flat = torch.zeros(1, 3, 64, 64) + torch.randn(1, 3, 1, 1)
     images = torch.cat([flat, torch.randn(1, 3, 64, 64), flat + 0.3 * torch.randn(1, 3, 64, 64)])
@@ -140,6 +147,10 @@ def test_per_image_batch_equals_one_image_per_forward(release_dir):
         counts = model.merge_stats["tokens_per_layer"]
         alone = torch.cat([model(images[i:i + 1]) for i in range(3)])
     assert len(set(counts[-1])) > 1, "the test needs images that keep different token counts"
+    # the batch's decoder ran packed exactly when asked: images' tokens + 5 class tokens back to back
+    assert (layouts[0] is not None) == packed and all(layout is None for layout in layouts[1:])
+    if packed:
+        assert layouts[0].cu_seqlens.diff().tolist() == [n + 5 - 1 for n in counts[-1]]
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
 
 

@@ -38,17 +38,20 @@ class PackedLayout:
     def from_state(cls, state: MergeState) -> "PackedLayout":
         if state.total_tokens is None:
             raise ValueError("the merge state does not know its total token count on the host; cannot pack")
-        device = state.num_tokens.device
-        batch, seq_len = state.sizes.shape
-        counts = state.num_tokens
+        return cls.from_counts(state.num_tokens, state.sizes.shape[1], state.total_tokens)
+
+    @classmethod
+    def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
+        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int)."""
+        device = counts.device
         starts = torch.cumsum(counts, 0) - counts
         cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
-        rows = torch.arange(state.total_tokens, device=device)
+        rows = torch.arange(total, device=device)
         image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
         pack_index = image * seq_len + rows - starts[image]
         slot = torch.arange(seq_len, device=device)
-        unpack_index = torch.where(slot < counts[:, None], starts[:, None] + slot, state.total_tokens).flatten()
-        return cls(cu_seqlens, seq_len, state.total_tokens, pack_index, unpack_index)
+        unpack_index = torch.where(slot < counts[:, None], starts[:, None] + slot, total).flatten()
+        return cls(cu_seqlens, seq_len, total, pack_index, unpack_index)
 
     def pack(self, x: Tensor) -> Tensor:
         """Padded ``[B, T, C]`` → packed ``[total, C]``."""

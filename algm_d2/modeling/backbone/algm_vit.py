@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
 from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
-from ..ops.varlen_attention import varlen_attention
+from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
 from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
@@ -230,13 +230,7 @@ class ALGMViT(nn.Module):
 
     def _packed_attention_residual(self, index: int, x: Tensor, layout: PackedLayout) -> Tensor:
         """``x + attn(norm1(x))`` on packed tokens ``[total, C]``: timm's attention parts, variable-length kernel."""
-        block = self.blocks[index]
-        attn = block.attn
-        total = x.shape[0]
-        q, k, v = attn.qkv(block.norm1(x)).view(total, 3, attn.num_heads, attn.head_dim).unbind(1)
-        out = varlen_attention(attn.q_norm(q), attn.k_norm(k), v, layout).reshape(total, -1)
-        out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
-        return x + block.drop_path1(block.ls1(out))
+        return packed_attention_residual(self.blocks[index], x, layout)
 
     def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
                 ) -> Tuple[Tensor, MergeState]:

@@ -13,7 +13,9 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ...merge import MergeState
+from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
+from ..ops.varlen_attention import packed_attention_residual
 from ..registry import SEM_SEG_HEAD_REGISTRY
 
 
@@ -40,15 +42,18 @@ class MaskTransformer(nn.Module):
     similarities of projected patch and class features, normalised per token, then unmerged to the grid.
 
     It runs on merged tokens (ALGM unmerges after this decoder): per-token masks are gathered back to the grid.
+    A padded per-image batch runs packed in inference (``packed_attention``): each image's class tokens and valid
+    patch tokens back to back, variable-length attention, no padding and no key mask.
     """
 
     def __init__(self, *, num_classes: int, encoder_dim: int, dim: int, depth: int = 2, num_heads: int = 0,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, drop_path_rate: float = 0.0,
-                 prop_attn: bool = False) -> None:
+                 prop_attn: bool = False, packed_attention: bool = True) -> None:
         super().__init__()
         num_heads = num_heads or dim // 64
         self.num_classes = num_classes
         self.prop_attn = prop_attn
+        self.packed_attention = packed_attention
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
@@ -76,19 +81,42 @@ class MaskTransformer(nn.Module):
     def forward(self, patches: Tensor, state: MergeState) -> Tensor:
         """Merged patch tokens ``[B, N', C]`` → class masks on the patch grid ``[B, K, h, w]``."""
         x = self.proj_dec(patches)
-        x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
-        bias = patch_key_bias(state, self.prop_attn, attention_dtype(x))
-        if bias is not None:
-            bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], self.num_classes)], dim=-1)
-        for block in self.blocks:
-            x = block(x, attn_mask=bias)
-        x = self.decoder_norm(x)
-        patch_feat = x[:, : -self.num_classes] @ self.proj_patch
-        class_feat = x[:, -self.num_classes:] @ self.proj_classes
+        classes = self.cls_emb.expand(x.shape[0], -1, -1)
+        layout = self._packed_layout(state)
+        if layout is not None:
+            # class tokens first, so that each image's valid tokens lead its row (the decoder has no positions:
+            # the order changes nothing but the order of the sums)
+            packed = layout.pack(torch.cat([classes, x], dim=1))
+            for block in self.blocks:
+                packed = packed_attention_residual(block, packed, layout)
+                packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
+            x = self.decoder_norm(layout.unpack(packed))
+            patch_x, class_x = x[:, self.num_classes:], x[:, :self.num_classes]
+        else:
+            x = torch.cat([x, classes], dim=1)
+            bias = patch_key_bias(state, self.prop_attn, attention_dtype(x))
+            if bias is not None:
+                bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], self.num_classes)], dim=-1)
+            for block in self.blocks:
+                x = block(x, attn_mask=bias)
+            x = self.decoder_norm(x)
+            patch_x, class_x = x[:, :-self.num_classes], x[:, -self.num_classes:]
+        patch_feat = patch_x @ self.proj_patch
+        class_feat = class_x @ self.proj_classes
         patch_feat = patch_feat / patch_feat.norm(dim=-1, keepdim=True)
         class_feat = class_feat / class_feat.norm(dim=-1, keepdim=True)
         masks = self.mask_norm(patch_feat @ class_feat.transpose(1, 2))
         return _to_grid(state.unmerge_patches(masks), state)
+
+    def _packed_layout(self, state: MergeState) -> Optional[PackedLayout]:
+        """Layout of ``[class tokens, valid patch tokens]`` per image for a padded per-image batch in inference
+        without proportional attention (flash varlen has no key bias), else None."""
+        if not (self.packed_attention and not self.training and not self.prop_attn and state.padded
+                and state.total_tokens is not None):
+            return None
+        batch, seq_len = state.sizes.shape
+        extra = self.num_classes - state.num_prefix  # class tokens in, prefix tokens out
+        return PackedLayout.from_counts(state.num_tokens + extra, seq_len + extra, state.total_tokens + batch * extra)
 
 
 @SEM_SEG_HEAD_REGISTRY.register()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...merge.packing import PackedLayout
 
@@ -58,3 +58,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> T
     if efficient_varlen_available(q):
         return varlen_attention_efficient(q, k, v, layout)
     return varlen_attention_reference(q, k, v, layout)
+
+
+def packed_attention_residual(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
+    """``x + attn(norm1(x))`` of a timm ViT ``Block`` on packed tokens ``[total, C]``: the block's own parts around
+    the variable-length kernel (inference: no attention dropout)."""
+    attn = block.attn
+    total = x.shape[0]
+    q, k, v = attn.qkv(block.norm1(x)).view(total, 3, attn.num_heads, attn.head_dim).unbind(1)
+    out = varlen_attention(attn.q_norm(q), attn.k_norm(k), v, layout).reshape(total, -1)
+    out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+    return x + block.drop_path1(block.ls1(out))
