@@ -207,6 +207,8 @@ class ALGMViT(nn.Module):
                     continue
                 x, packed = layout.unpack(packed), None
             else:
+                if packed is not None:  # a block that cannot run packed follows one that did
+                    stream.x, packed = stream.layout.unpack(packed), None
                 x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.bias, stream.rope)
             if observer is not None:
                 observer(layer, x, stream.state)
@@ -214,7 +216,10 @@ class ALGMViT(nn.Module):
             x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
             if stream.state is not previous:
                 stream.refresh_attention_inputs(x, self.num_prefix_tokens)
-            stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
+            if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
+                packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
+            else:
+                stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
             stream.state.record_layer()
         if packed is not None:
             stream.x = stream.layout.unpack(packed)
