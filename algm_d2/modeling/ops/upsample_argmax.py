@@ -79,7 +79,6 @@ _TILE_H, _TILE_W = 8, 32  # output pixels per program of the label kernel
 _MIN_CELL_FACTOR = 8
 _CELL_CLASSES = 256
 _CELL_PIXELS_PER_WARP = 256
-_CELLS_PER_PROGRAM = 4
 
 
 def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -264,77 +263,68 @@ if triton is not None:
     @triton.jit
     def _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best, best_k,
                         TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
-        """Fold the kept classes of one class tile (``[CELLS, CLASSES]``, in increasing order per cell) into the
-        blocks' running argmax ``[CELLS, FH, FW]``: each cell's j-th class id read out of the registers by a one-hot
-        sum, its four corners re-read (cache hits)."""
-        rank = tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        count = tl.sum(keep.to(tl.int32), axis=1)
-        for j in range(tl.max(count, axis=0)):
-            kj = tl.sum(tl.where(keep & (rank == j), k, 0), axis=1)
-            has = j < count
-            c00, c01, c10, c11 = _corners(image, kj * stride_k, o00, o01, o10, o11, has)
-            value = _round_to_input(_bilinear(c00[:, None, None], c01[:, None, None], c10[:, None, None],
-                                              c11[:, None, None], ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
-            better = has[:, None, None] & ((value > best) | ((value != value) & (best == best)))
+        """Fold the kept classes of one class tile (in increasing order) into the block's running argmax: each class
+        id read out of the registers by a one-hot sum, its four corners re-read (cache hits) as scalars."""
+        rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        for j in range(tl.sum(keep.to(tl.int32), axis=0)):
+            kj = tl.sum(tl.where(keep & (rank == j), k, 0), axis=0)
+            c00, c01, c10, c11 = _corners(image, kj * stride_k, o00, o01, o10, o11, True)
+            value = _round_to_input(_bilinear(c00, c01, c10, c11, ly0, ly1, lx0, lx1, TOP_W1_FUSED), ROUNDING)
+            better = (value > best) | ((value != value) & (best == best))
             best = tl.where(better, value, best)
-            best_k = tl.where(better, kj[:, None, None], best_k)
+            best_k = tl.where(better, kj, best_k)
         return best, best_k
 
     @triton.jit
     def _upsample_argmax_cells(logits, labels, K, h, w, H, W, stride_b, stride_k, stride_y, stride_x, scale_h,
                                scale_w, MARGIN: tl.constexpr, LARGE: tl.constexpr, FACTOR_H: tl.constexpr,
-                               FACTOR_W: tl.constexpr, CELLS: tl.constexpr, CLASSES: tl.constexpr,
-                               ONE_TILE: tl.constexpr, TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
-        # one program per CELLS neighbouring blocks of a block row; block (ty, tx) = the output pixels that all
-        # interpolate source cell (max(ty - 1, 0), max(tx - 1, 0)) (module docstring, 3.)
-        groups = tl.cdiv(w + 1, CELLS)
-        ty = tl.program_id(0) // groups
-        tx = (tl.program_id(0) % groups) * CELLS + tl.arange(0, CELLS)
+                               FACTOR_W: tl.constexpr, CLASSES: tl.constexpr, ONE_TILE: tl.constexpr,
+                               TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
+        # one program per block of output pixels that all interpolate source cell (cy, cx) (module docstring, 3.)
+        tile = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        tile = tx <= w
+        ty = tile // (w + 1)
+        tx = tile % (w + 1)
         cy = tl.maximum(ty - 1, 0)
         cx = tl.maximum(tx - 1, 0)
         cy1 = cy + (cy < h - 1).to(tl.int32)
         cx1 = cx + (cx < w - 1).to(tl.int32)
         image = logits + b * stride_b
-        o00, o01 = cy * stride_y + cx * stride_x, cy * stride_y + cx1 * stride_x  # [CELLS]
+        o00, o01 = cy * stride_y + cx * stride_x, cy * stride_y + cx1 * stride_x
         o10, o11 = cy1 * stride_y + cx * stride_x, cy1 * stride_y + cx1 * stride_x
-        y = ty * FACTOR_H - FACTOR_H // 2 + tl.arange(0, FACTOR_H)[None, :, None]
-        x = tx[:, None, None] * FACTOR_W - FACTOR_W // 2 + tl.arange(0, FACTOR_W)[None, None, :]
-        ok = tile[:, None, None] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        y = ty * FACTOR_H - FACTOR_H // 2 + tl.arange(0, FACTOR_H)[:, None]
+        x = tx * FACTOR_W - FACTOR_W // 2 + tl.arange(0, FACTOR_W)[None, :]
+        ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
         row0, row1, ly0, ly1 = _source_axis(tl.maximum(y, 0), h, scale_h)  # rows: (cy, cy1) on the block
         col0, col1, lx0, lx1 = _source_axis(tl.maximum(x, 0), w, scale_w)
-        best = tl.full([CELLS, FACTOR_H, FACTOR_W], float("-inf"), tl.float32)
-        best_k = tl.zeros([CELLS, FACTOR_H, FACTOR_W], tl.int32)
+        best = tl.full([FACTOR_H, FACTOR_W], float("-inf"), tl.float32)
+        best_k = tl.zeros([FACTOR_H, FACTOR_W], tl.int32)
         if ONE_TILE:  # K <= CLASSES: the corners are read once for the bounds and the candidates
-            k = tl.arange(0, CLASSES)[None, :]
-            live = tile[:, None] & (k < K)
-            v00, v01, v10, v11 = _corners(image, k * stride_k, o00[:, None], o01[:, None], o10[:, None],
-                                          o11[:, None], live)
+            k = tl.arange(0, CLASSES)
+            live = k < K
+            v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
             low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
-            floor = tl.max(tl.where(live, low, float("-inf")), axis=1)
-            unbounded = tl.max((live & ~finite).to(tl.int32), axis=1)
-            keep = live & ((unbounded[:, None] > 0) | (high >= floor[:, None]))
+            floor = tl.max(tl.where(live, low, float("-inf")), axis=0)
+            unbounded = tl.max((live & ~finite).to(tl.int32), axis=0)
+            keep = live & ((unbounded > 0) | (high >= floor))
             best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best,
                                            best_k, TOP_W1_FUSED, ROUNDING)
-        else:  # each cell's largest lower bound over all tiles first (as _cell_candidates), then the candidates
-            floor = tl.full([CELLS], float("-inf"), tl.float32)
-            unbounded = tl.zeros([CELLS], tl.int32)
+        else:  # the cell's largest lower bound over all tiles first (as _cell_candidates), then the candidates
+            floor = tl.full([], float("-inf"), tl.float32)
+            unbounded = tl.full([], 0, tl.int32)
             for start in range(0, K, CLASSES):
-                k = start + tl.arange(0, CLASSES)[None, :]
-                live = tile[:, None] & (k < K)
-                v00, v01, v10, v11 = _corners(image, k * stride_k, o00[:, None], o01[:, None], o10[:, None],
-                                              o11[:, None], live)
+                k = start + tl.arange(0, CLASSES)
+                live = k < K
+                v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
                 low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
-                floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=1))
-                unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=1))
+                floor = tl.maximum(floor, tl.max(tl.where(live, low, float("-inf")), axis=0))
+                unbounded = tl.maximum(unbounded, tl.max((live & ~finite).to(tl.int32), axis=0))
             for start in range(0, K, CLASSES):
-                k = start + tl.arange(0, CLASSES)[None, :]
-                live = tile[:, None] & (k < K)
-                v00, v01, v10, v11 = _corners(image, k * stride_k, o00[:, None], o01[:, None], o10[:, None],
-                                              o11[:, None], live)
+                k = start + tl.arange(0, CLASSES)
+                live = k < K
+                v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
                 low, high, finite = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
-                keep = live & ((unbounded[:, None] > 0) | (high >= floor[:, None]))
+                keep = live & ((unbounded > 0) | (high >= floor))
                 best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1,
                                                best, best_k, TOP_W1_FUSED, ROUNDING)
         tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
@@ -447,12 +437,11 @@ def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
     factors = _cell_factors(h, w, height, width)
     if factors is not None:
         classes = min(triton.next_power_of_2(k), _CELL_CLASSES)
-        _upsample_argmax_cells[((h + 1) * triton.cdiv(w + 1, _CELLS_PER_PROGRAM), b)](
+        _upsample_argmax_cells[((h + 1) * (w + 1), b)](
             logits, labels, k, h, w, height, width, *strides, *_pytorch_scales(h, w, height, width),
             MARGIN=_MARGIN[logits.dtype], LARGE=_LARGE[logits.dtype], FACTOR_H=factors[0], FACTOR_W=factors[1],
-            CELLS=_CELLS_PER_PROGRAM, CLASSES=classes, ONE_TILE=k <= classes, TOP_W1_FUSED=_nhwc_top_row(logits),
-            ROUNDING=_ROUNDING[logits.dtype],
-            num_warps=max(1, min(8, _CELLS_PER_PROGRAM * factors[0] * factors[1] // _CELL_PIXELS_PER_WARP)))
+            CLASSES=classes, ONE_TILE=k <= classes, TOP_W1_FUSED=_nhwc_top_row(logits), ROUNDING=_ROUNDING[logits.dtype],
+            num_warps=max(1, min(8, factors[0] * factors[1] // _CELL_PIXELS_PER_WARP)))
         return labels
     candidates = torch.empty(b, h * w, k, dtype=torch.int16 if k <= 1 << 15 else torch.int32, device=logits.device)
     counts = torch.empty(b, h * w, dtype=torch.int32, device=logits.device)
