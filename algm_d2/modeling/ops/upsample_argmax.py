@@ -258,8 +258,6 @@ if triton is not None:
             best_k = tl.where(better, k, best_k)
         tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
 
-
-
     @triton.jit
     def _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best, best_k,
                         TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
