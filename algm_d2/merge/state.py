@@ -90,23 +90,37 @@ class MergeState:
 
     def apply(self, x: Tensor, dest: Tensor, num_tokens: Tensor, seq_len: int, padded: bool,
               total_tokens: Optional[int] = None) -> Tuple[Tensor, "MergeState"]:
-        """Merge ``x`` ``[B, T, C]`` by the plan ``dest`` ``[B, T]``: slots ``< seq_len`` are kept, ``T`` is the trash.
+        """Merge ``x`` ``[B, T, C]`` by the plan ``dest`` ``[B, T]``: token -> slot ``< seq_len``; padding tokens of a
+        padded batch point at ``>= seq_len`` (dropped).
 
         ``num_tokens`` ``[B]`` are the valid tokens each image keeps, ``seq_len`` their maximum and ``total_tokens``
         their sum (host int, optional). The sums run in
         float32 whatever ``x``'s dtype (bf16 cannot add many members exactly). Returns the merged tokens
         ``[B, seq_len, C]`` (size-weighted means, in ``x``'s dtype) and the new state.
         """
-        b = x.shape[0]
+        b, t = dest.shape
         sizes = self.sizes.float()
-        # One flat index per token: image i's slot j is row i * seq_len + j, the trash (slots >= seq_len) one last row,
-        # so the sums come out as contiguous [B, seq_len, ·] blocks (no strided slices for the divisions).
-        flat = torch.where(dest < seq_len, dest + torch.arange(b, device=dest.device)[:, None] * seq_len, b * seq_len)
-        flat = flat.flatten()
+        # One flat index per token: image i's slot j is row i * seq_len + j, so the sums come out as contiguous
+        # [B, seq_len, ·] blocks (no strided slices for the divisions).
+        offsets = torch.arange(b, device=dest.device)[:, None] * seq_len
+        keep: Optional[Tensor] = None
+        route = dest
+        if self.padded:
+            # Padding tokens add zeros, spread over the slots: a slot that collected all of them would be summed in
+            # one long serial run by the sorted accumulation below.
+            valid = dest < seq_len
+            route = torch.where(valid, dest, torch.arange(t, device=dest.device) % seq_len)
+            keep = valid.flatten()
+        flat = (route + offsets).flatten()
 
         def sums(values: Tensor) -> Tensor:
-            out = values.new_zeros(b * seq_len + 1, *values.shape[2:])
-            return out.index_add_(0, flat, values.flatten(0, 1))[:-1].view(b, seq_len, *values.shape[2:])
+            rows = values.flatten(0, 1)
+            if keep is not None:
+                rows = torch.where(keep.view(-1, *[1] * (rows.dim() - 1)), rows, rows.new_zeros(()))
+            # index_put_ with accumulate sorts the indices and adds in a fixed order on CUDA: bitwise repeatable
+            # (index_add_'s atomics are not, and near-ties of later scores then flip run to run)
+            out = rows.new_zeros(b * seq_len, *rows.shape[1:])
+            return out.index_put_((flat,), rows, accumulate=True).view(b, seq_len, *rows.shape[1:])
 
         new_sizes = sums(sizes)
         # Padding slots have size 0 and stay 0; every real slot has size >= 1.
