@@ -21,6 +21,13 @@ def attention_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def row_sums(rows: Tensor, index: Tensor, size: int) -> Tensor:
+    """``out[index[i]] += rows[i]`` into ``size`` zero rows, in a fixed order: ``index_put_`` with accumulate sorts the
+    indices on CUDA, so the sums are bitwise repeatable (``index_add_``'s and ``scatter_add``'s atomics are not, and a
+    near-tie of a later merge score then falls either way from run to run)."""
+    return rows.new_zeros(size, *rows.shape[1:]).index_put_((index,), rows, accumulate=True)
+
+
 @dataclass
 class MergeState:
     """Bookkeeping for a batch of merged token sequences ``[B, T, C]`` with ``num_prefix`` leading tokens.
@@ -117,10 +124,7 @@ class MergeState:
             rows = values.flatten(0, 1)
             if keep is not None:
                 rows = torch.where(keep.view(-1, *[1] * (rows.dim() - 1)), rows, rows.new_zeros(()))
-            # index_put_ with accumulate sorts the indices and adds in a fixed order on CUDA: bitwise repeatable
-            # (index_add_'s atomics are not, and near-ties of later scores then flip run to run)
-            out = rows.new_zeros(b * seq_len, *rows.shape[1:])
-            return out.index_put_((flat,), rows, accumulate=True).view(b, seq_len, *rows.shape[1:])
+            return row_sums(rows, flat, b * seq_len).view(b, seq_len, *rows.shape[1:])
 
         new_sizes = sums(sizes)
         # Padding slots have size 0 and stay 0; every real slot has size >= 1.

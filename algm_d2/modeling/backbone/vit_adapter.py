@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...merge import OFF, ALGMConfig, MergeState
+from ...merge.state import row_sums
 from ..ops.msda import MSDeformAttn, SpatialShapes
 from ..registry import BACKBONE_REGISTRY
 from .algm_vit import ALGMViT, TokenStream, patchify, resize_pos_embed
@@ -119,8 +120,9 @@ class ConvFFN(nn.Module):
 def slot_mean(values: Tensor, state: MergeState) -> Tensor:
     """Per-cell values ``[B, H*W, C]`` → their mean per merged patch slot ``[B, T - P, C]`` (0 on padding)."""
     b, _, c = values.shape
-    slots = (state.index_map - state.num_prefix)[..., None].expand(-1, -1, c)
-    sums = values.new_zeros(b, state.seq_len - state.num_prefix, c).scatter_add(1, slots, values)
+    num_slots = state.seq_len - state.num_prefix
+    slots = state.index_map - state.num_prefix + torch.arange(b, device=values.device)[:, None] * num_slots
+    sums = row_sums(values.flatten(0, 1), slots.flatten(), b * num_slots).view(b, num_slots, c)
     return sums / state.sizes[:, state.num_prefix:, None].clamp(min=1.0).to(sums.dtype)
 
 
