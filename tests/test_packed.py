@@ -1,6 +1,13 @@
 """Packed per-image batches: layout round trips, variable-length attention, packed = padded = each image alone."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -11,8 +18,9 @@ from hypothesis import strategies as st
 from algm_d2 import ALGMConfig, apply_algm
 from algm_d2.merge import FixedLevel, MergeState
 from algm_d2.merge.packing import PackedLayout
-from algm_d2.modeling.ops.varlen_attention import (flash_varlen_available, varlen_attention,
-                                                   varlen_attention_efficient, varlen_attention_reference)
+from algm_d2.modeling.ops.varlen_attention import (flash_varlen_available, triton_varlen_available, varlen_attention,
+                                                   varlen_attention_efficient, varlen_attention_reference,
+                                                   varlen_attention_triton)
 
 
 def state_with_counts(counts):
@@ -57,8 +65,8 @@ def test_varlen_reference_equals_attention_per_image():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernels run on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_varlen_kernels_equal_attention_per_image(dtype):
-    """The kernel ``varlen_attention`` picks (flash in bf16, memory-efficient in fp32) and the memory-efficient one
-    in both dtypes, against a float64 per-image reference (on a GPU machine; CI has none)."""
+    """The kernel ``varlen_attention`` picks (ours in bf16, memory-efficient in fp32), the memory-efficient one in
+    both dtypes and ours in bf16, against a float64 per-image reference (on a GPU machine; CI has none)."""
     counts = [37, 5, 130, 64]
     layout = PackedLayout.from_state(state_with_counts(counts))
     layout = PackedLayout(layout.cu_seqlens.cuda(), layout.max_seqlen, layout.total, layout.pack_index.cuda(),
@@ -67,10 +75,44 @@ def test_cuda_varlen_kernels_equal_attention_per_image(dtype):
     q, k, v = (torch.randn(sum(counts), 3, 64, generator=g).to("cuda", dtype) for _ in range(3))
     expected = varlen_attention_reference(q.double(), k.double(), v.double(), layout)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert flash_varlen_available(q) == (dtype == torch.bfloat16)
-    for out in (varlen_attention(q, k, v, layout), varlen_attention_efficient(q, k, v, layout)):
+    assert flash_varlen_available(q) == triton_varlen_available(q, k, v) == (dtype == torch.bfloat16)
+    outputs = [varlen_attention(q, k, v, layout), varlen_attention_efficient(q, k, v, layout)]
+    if dtype == torch.bfloat16:
+        outputs.append(varlen_attention_triton(q, k, v, layout))
+    for out in outputs:
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+# Triton's interpreter runs the kernel on the CPU (float32 and float16; its bfloat16 dot products are not exact).
+_INTERPRETED_VARLEN = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from algm_d2.merge.packing import PackedLayout
+    from algm_d2.modeling.ops.varlen_attention import varlen_attention_triton
+    torch.manual_seed(0)
+    for counts, heads, dim, dtype in (([37, 1, 130, 64], 3, 64, torch.float32), ([70, 9], 2, 32, torch.float16)):
+        cu = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
+        total = sum(counts)
+        layout = PackedLayout(cu, max(counts), total, torch.arange(total), torch.arange(total))
+        q, k, v = torch.randn(total, 3, heads, dim).to(dtype).unbind(1)  # strided views, as the blocks pass them
+        out = varlen_attention_triton(q, k, v, layout)
+        start = 0
+        for n in counts:
+            part = [t[start:start + n].transpose(0, 1).double() for t in (q, k, v)]
+            expected = F.scaled_dot_product_attention(*part).transpose(0, 1)
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+            assert (out[start:start + n].double() - expected).abs().max() < tolerance, (counts, n, dtype)
+            start += n
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_varlen_kernel_in_the_interpreter():
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED_VARLEN], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("global_rule", ["batch_stats", FixedLevel(fraction=0.3)])
