@@ -110,7 +110,7 @@ class MaskTransformer(nn.Module):
 
     def _packed_layout(self, state: MergeState) -> Optional[PackedLayout]:
         """Layout of ``[class tokens, valid patch tokens]`` per image for a padded per-image batch in inference
-        without proportional attention (flash varlen has no key bias), else None."""
+        without proportional attention (the variable-length kernels take no key bias), else None."""
         if not (self.packed_attention and not self.training and not self.prop_attn and state.padded
                 and state.total_tokens is not None):
             return None
