@@ -120,28 +120,29 @@ class MergeState:
             keep = valid.flatten()
         flat = (route + offsets).flatten()
 
-        def sums(values: Tensor) -> Tensor:
-            rows = values.flatten(0, 1)
-            if keep is not None:
-                rows = torch.where(keep.view(-1, *[1] * (rows.dim() - 1)), rows, rows.new_zeros(()))
-            return row_sums(rows, flat, b * seq_len).view(b, seq_len, *rows.shape[1:])
-
-        new_sizes = sums(sizes)
+        # sizes, size-weighted positions and size-weighted tokens side by side: one sorted accumulation for all
+        weight = sizes[..., None]
+        rows = torch.cat([weight, self.positions.float() * weight, x.float() * weight], dim=-1).flatten(0, 1)
+        if keep is not None:
+            rows = torch.where(keep[:, None], rows, rows.new_zeros(()))
+        summed = row_sums(rows, flat, b * seq_len).view(b, seq_len, rows.shape[-1])
+        new_sizes = summed[..., 0]
         # Padding slots have size 0 and stay 0; every real slot has size >= 1.
         denom = new_sizes.clamp(min=1.0)[..., None]
+        dims = self.positions.shape[-1]
         state = MergeState(
             grid_size=self.grid_size,
             num_prefix=self.num_prefix,
             index_map=dest.gather(1, self.index_map),
             sizes=new_sizes,
-            positions=sums(self.positions.float() * sizes[..., None]) / denom,
+            positions=summed[..., 1:1 + dims] / denom,
             num_tokens=num_tokens,
             padded=padded,
             merged=True,
             history=self.history,
             total_tokens=total_tokens,
         )
-        return (sums(x.float() * sizes[..., None]) / denom).to(x.dtype), state
+        return (summed[..., 1 + dims:] / denom).to(x.dtype), state
 
     def permute(self, x: Tensor, dest: Tensor) -> Tuple[Tensor, "MergeState"]:
         """Apply a plan that merges nothing (``dest`` a permutation of the slots): a reorder in ``x``'s own dtype,
