@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,13 @@ def test_benchmark_tool_on_cpu(tmp_path):
     assert level["protocols"]["repeat"]["tokens"]["mean_tokens_per_layer"][0] == 14
     assert level["gflops_per_image"] < base["gflops_per_image"]
     assert report["ratios"]["baseline"]["repeat"] == 1.0
-    repeat, mixed = (level["protocols"][p]["ms_per_batch_mean"] for p in ("repeat", "mixed"))
-    assert report["mixed_over_repeat"]["paper_level"] == repeat / mixed
+    # every round times whole passes over the inputs: 3 images (repeat batches) → 2 iterations round up to 3
+    repeat = level["protocols"]["repeat"]
+    assert repeat["iters"] == 6 and len(repeat["ms_per_batch_by_input"]) == 3
+    assert repeat["ms_per_batch_input_mean"] == pytest.approx(sum(repeat["ms_per_batch_by_input"]) / 3)
+    assert repeat["images_per_second"] == pytest.approx(2 / (repeat["ms_per_batch_input_mean"] / 1000))
+    mixed_ms = level["protocols"]["mixed"]["ms_per_batch_input_mean"]
+    assert report["mixed_over_repeat"]["paper_level"] == pytest.approx(repeat["ms_per_batch_input_mean"] / mixed_ms)
     assert "| paper_level | repeat |" in (tmp_path / "benchmark.md").read_text()
 
 

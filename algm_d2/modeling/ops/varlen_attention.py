@@ -97,6 +97,22 @@ def packed_attention_residual(block: nn.Module, x: Tensor, layout: PackedLayout)
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_step(q_block, k_block, v_block, best, total, acc, scale_log2, live,
+                             MASKED: tl.constexpr):
+        """Fold one key block into the running (row max, row sum, accumulator) of flash attention, in log2 units.
+        The scale rides on the exponent's fma (``s·scale − max``) and only the image's last, partial key block pays
+        for a mask: with head dims of 64 the softmax's per-score instructions, not the tensor cores, bound the loop."""
+        scores = tl.dot(q_block, tl.trans(k_block))
+        if MASKED:
+            scores = tl.where(live[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1) * scale_log2)
+        weights = tl.math.exp2(scores * scale_log2 - new_best[:, None])
+        correction = tl.math.exp2(best - new_best)
+        total = total * correction + tl.sum(weights, axis=1)
+        acc = acc * correction[:, None] + tl.dot(weights.to(v_block.dtype), v_block)
+        return new_best, total, acc
+
+    @triton.jit
     def _varlen_attention_kernel(q, k, v, out, cu_seqlens, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                                  stride_vh, stride_ot, stride_oh, scale_log2, DIM: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -115,21 +131,22 @@ if triton is not None:
             best = tl.full([BLOCK_M], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, DIM], tl.float32)
-            for first in tl.range(0, length, BLOCK_N):
+            k_rows = k + start * stride_kt + head * stride_kh + dims[None, :]
+            v_rows = v + start * stride_vt + head * stride_vh + dims[None, :]
+            full = length // BLOCK_N * BLOCK_N
+            for first in tl.range(0, full, BLOCK_N):
                 cols = first + tl.arange(0, BLOCK_N)
+                k_block = tl.load(k_rows + cols[:, None] * stride_kt)
+                v_block = tl.load(v_rows + cols[:, None] * stride_vt)
+                best, total, acc = _online_softmax_step(q_block, k_block, v_block, best, total, acc, scale_log2,
+                                                        cols < length, False)
+            if full < length:
+                cols = full + tl.arange(0, BLOCK_N)
                 live = cols < length
-                k_block = tl.load(k + (start + cols[:, None]) * stride_kt + head * stride_kh + dims[None, :],
-                                  mask=live[:, None], other=0.0)
-                scores = tl.dot(q_block, tl.trans(k_block)) * scale_log2
-                scores = tl.where(live[None, :], scores, float("-inf"))
-                new_best = tl.maximum(best, tl.max(scores, axis=1))
-                weights = tl.math.exp2(scores - new_best[:, None])
-                correction = tl.math.exp2(best - new_best)
-                total = total * correction + tl.sum(weights, axis=1)
-                v_block = tl.load(v + (start + cols[:, None]) * stride_vt + head * stride_vh + dims[None, :],
-                                  mask=live[:, None], other=0.0)
-                acc = acc * correction[:, None] + tl.dot(weights.to(v_block.dtype), v_block)
-                best = new_best
+                k_block = tl.load(k_rows + cols[:, None] * stride_kt, mask=live[:, None], other=0.0)
+                v_block = tl.load(v_rows + cols[:, None] * stride_vt, mask=live[:, None], other=0.0)
+                best, total, acc = _online_softmax_step(q_block, k_block, v_block, best, total, acc, scale_log2,
+                                                        live, True)
             acc = acc / total[:, None]
             tl.store(out + (start + rows[:, None]) * stride_ot + head * stride_oh + dims[None, :],
                      acc.to(out.dtype.element_ty), mask=rows[:, None] < length)
