@@ -25,7 +25,8 @@ and, on CUDA, never materialises that tensor:
    row 0) for ``r`` in ``[t·f - f/2, t·f + f/2)``: the output splits into f×f blocks (half blocks at the borders)
    whose pixels all interpolate the same cell. One program per block finds the cell's candidates as in 1. and
    evaluates them from the same four corners at every pixel, with the arithmetic of 2.: no workspace, no per-pixel
-   gathers, one launch, each corner read by the four blocks around it instead of by every pixel.
+   gathers, one launch, each corner read by the four blocks around it instead of by every pixel. A block with a
+   single candidate (most of them for trained models' smooth logits) writes it without interpolating.
 
 PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
@@ -305,8 +306,13 @@ if triton is not None:
             floor = tl.max(tl.where(live, low, float("-inf")), axis=0)
             unbounded = tl.max((live & ~finite).to(tl.int32), axis=0)
             keep = live & ((unbounded > 0) | (high >= floor))
-            best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1, best,
-                                           best_k, TOP_W1_FUSED, ROUNDING)
+            if tl.sum(keep.to(tl.int32), axis=0) == 1:
+                # the class with the largest lower bound is always kept; alone, it wins at every pixel of the block
+                # (every other class stays below that bound), so no value needs interpolating
+                best_k += tl.max(tl.where(keep, k, 0), axis=0)
+            else:
+                best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1,
+                                               best, best_k, TOP_W1_FUSED, ROUNDING)
         else:  # the cell's largest lower bound over all tiles first (as _cell_candidates), then the candidates
             floor = tl.full([], float("-inf"), tl.float32)
             unbounded = tl.full([], 0, tl.int32)
