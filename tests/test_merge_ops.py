@@ -147,6 +147,23 @@ def test_per_image_batch_equals_images_alone():
         assert torch.equal(state.index_map[b], sb.index_map[0])
 
 
+def test_padding_values_never_reach_real_slots():
+    """A padded batch's padding tokens may hold anything (NaN, inf): the next merge sends them to trash slots, so
+    the merged tokens and state equal those of the same batch with zero padding."""
+    x = torch.cat([clustered_tokens(1, (8, 8), 1, 8, seed, noise=n) for seed, n in [(1, 0.05), (2, 1.0), (3, 0.3)]])
+    y, state = local_merge(x, MergeState.initial(3, (8, 8), 1, x.device), (2, 2), 0.8, "per_image", 1)
+    padding = ~state.valid_mask()
+    assert state.padded and padding.any()
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        merged, after = global_merge(y.masked_fill(padding[..., None], fill), state, 0.5, "per_image", 5)
+        valid = after.valid_mask()
+        assert torch.isfinite(merged[valid]).all() and torch.isfinite(after.positions).all()
+        results.append((merged[valid], after.sizes, after.positions, after.index_map))
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], result))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="atomics make CUDA sums order-dependent; CI has no GPU")
 def test_merges_are_bitwise_repeatable_on_cuda():
     """Both stages give bitwise the same tokens and plan run after run (on a GPU machine; CI has none)."""

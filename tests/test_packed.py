@@ -46,6 +46,7 @@ def test_pack_then_unpack_restores_valid_tokens_and_zeroes_padding(counts, seed)
     for b, n in enumerate(counts):
         assert torch.equal(restored[b, :n], x[b, :n])
         assert not restored[b, n:].any()
+    assert layout.valid_mask().tolist() == [[i < n for i in range(max(counts))] for n in counts]
 
 
 def test_varlen_reference_equals_attention_per_image():
@@ -69,8 +70,7 @@ def test_cuda_varlen_kernels_equal_attention_per_image(dtype):
     both dtypes and ours in bf16, against a float64 per-image reference (on a GPU machine; CI has none)."""
     counts = [37, 5, 130, 64]
     layout = PackedLayout.from_state(state_with_counts(counts))
-    layout = PackedLayout(layout.cu_seqlens.cuda(), layout.max_seqlen, layout.total, layout.pack_index.cuda(),
-                          layout.unpack_index.cuda())
+    layout = PackedLayout(layout.cu_seqlens.cuda(), layout.max_seqlen, layout.total, layout.pack_index.cuda())
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(counts), 3, 64, generator=g).to("cuda", dtype) for _ in range(3))
     expected = varlen_attention_reference(q.double(), k.double(), v.double(), layout)
@@ -94,7 +94,7 @@ _INTERPRETED_VARLEN = textwrap.dedent("""
     for counts, heads, dim, dtype in (([37, 1, 130, 64], 3, 64, torch.float32), ([70, 9], 2, 32, torch.float16)):
         cu = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
         total = sum(counts)
-        layout = PackedLayout(cu, max(counts), total, torch.arange(total), torch.arange(total))
+        layout = PackedLayout(cu, max(counts), total, torch.arange(total))
         q, k, v = torch.randn(total, 3, heads, dim).to(dtype).unbind(1)  # strided views, as the blocks pass them
         out = varlen_attention_triton(q, k, v, layout)
         start = 0

@@ -24,15 +24,14 @@ class PackedLayout:
         cu_seqlens: ``[B + 1]`` int32 cumulative token counts (image b owns rows ``cu[b]:cu[b+1]``).
         max_seqlen: the longest image (= the padded sequence length).
         total: all valid tokens (host int).
-        pack_index: ``[total]`` long, row of the flattened padded batch ``[B*T]`` each packed row comes from.
-        unpack_index: ``[B*T]`` long, packed row of each padded slot, ``total`` (a zero row) for padding.
+        pack_index: ``[total]`` long, row of the flattened padded batch ``[B*T]`` each packed row comes from (and
+            goes back to).
     """
 
     cu_seqlens: Tensor
     max_seqlen: int
     total: int
     pack_index: Tensor
-    unpack_index: Tensor
 
     @classmethod
     def from_state(cls, state: MergeState) -> "PackedLayout":
@@ -49,16 +48,19 @@ class PackedLayout:
         rows = torch.arange(total, device=device)
         image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
         pack_index = image * seq_len + rows - starts[image]
-        slot = torch.arange(seq_len, device=device)
-        unpack_index = torch.where(slot < counts[:, None], starts[:, None] + slot, total).flatten()
-        return cls(cu_seqlens, seq_len, total, pack_index, unpack_index)
+        return cls(cu_seqlens, seq_len, total, pack_index)
+
+    def valid_mask(self) -> Tensor:
+        """``[B, T]`` bool: the slots of the padded batch that hold a token."""
+        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1])[:, None]
+        return torch.arange(self.max_seqlen, device=counts.device) < counts
 
     def pack(self, x: Tensor) -> Tensor:
         """Padded ``[B, T, C]`` → packed ``[total, C]``."""
         return x.flatten(0, 1).index_select(0, self.pack_index)
 
     def unpack(self, packed: Tensor) -> Tensor:
-        """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding."""
+        """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding (one zero fill and one row copy)."""
         batch = self.cu_seqlens.shape[0] - 1
-        rows = torch.cat([packed, packed.new_zeros(1, packed.shape[-1])])
-        return rows.index_select(0, self.unpack_index).view(batch, self.max_seqlen, packed.shape[-1])
+        padded = packed.new_zeros(batch * self.max_seqlen, packed.shape[-1])
+        return padded.index_copy_(0, self.pack_index, packed).view(batch, self.max_seqlen, packed.shape[-1])

@@ -108,41 +108,39 @@ class MergeState:
         b, t = dest.shape
         sizes = self.sizes.float()
         # One flat index per token: image i's slot j is row i * seq_len + j, so the sums come out as contiguous
-        # [B, seq_len, ·] blocks (no strided slices for the divisions).
+        # [B, seq_len, ·] blocks. Padding tokens go to one extra block of trash slots (whatever their values, even
+        # NaN, they never reach a real slot), spread over it: a slot that collected all of them would be summed in one
+        # long serial run by the sorted accumulation.
         offsets = torch.arange(b, device=dest.device)[:, None] * seq_len
-        keep: Optional[Tensor] = None
-        route = dest
         if self.padded:
-            # Padding tokens add zeros, spread over the slots: a slot that collected all of them would be summed in
-            # one long serial run by the sorted accumulation below.
-            valid = dest < seq_len
-            route = torch.where(valid, dest, torch.arange(t, device=dest.device) % seq_len)
-            keep = valid.flatten()
-        flat = (route + offsets).flatten()
-
-        # sizes, size-weighted positions and size-weighted tokens side by side: one sorted accumulation for all
+            trash = b * seq_len + torch.arange(t, device=dest.device) % seq_len
+            flat = torch.where(dest < seq_len, dest + offsets, trash).flatten()
+        else:
+            flat = (dest + offsets).flatten()
+        slots = (b + 1) * seq_len if self.padded else b * seq_len
+        # sizes and size-weighted positions first; each token then enters its slot's sum already divided by the
+        # slot's size, so the token sums are the means (contiguous, no division pass over [B, seq_len, C])
         weight = sizes[..., None]
-        rows = torch.cat([weight, self.positions.float() * weight, x.float() * weight], dim=-1).flatten(0, 1)
-        if keep is not None:
-            rows = torch.where(keep[:, None], rows, rows.new_zeros(()))
-        summed = row_sums(rows, flat, b * seq_len).view(b, seq_len, rows.shape[-1])
-        new_sizes = summed[..., 0]
-        # Padding slots have size 0 and stay 0; every real slot has size >= 1.
-        denom = new_sizes.clamp(min=1.0)[..., None]
+        small = row_sums(torch.cat([weight, self.positions.float() * weight], dim=-1).flatten(0, 1), flat, slots)
+        slot_sizes = small[:, 0].clamp(min=1.0)  # padding slots have size 0; every real slot has size >= 1
+        share = sizes.flatten() / slot_sizes[flat]
+        means = row_sums(x.flatten(0, 1).float() * share[:, None], flat, slots)[: b * seq_len]
+        small = small[: b * seq_len].view(b, seq_len, -1)
+        new_sizes = small[..., 0]
         dims = self.positions.shape[-1]
         state = MergeState(
             grid_size=self.grid_size,
             num_prefix=self.num_prefix,
             index_map=dest.gather(1, self.index_map),
             sizes=new_sizes,
-            positions=summed[..., 1:1 + dims] / denom,
+            positions=small[..., 1:1 + dims] / slot_sizes[: b * seq_len].view(b, seq_len, 1),
             num_tokens=num_tokens,
             padded=padded,
             merged=True,
             history=self.history,
             total_tokens=total_tokens,
         )
-        return (summed[..., 1 + dims:] / denom).to(x.dtype), state
+        return means.view(b, seq_len, -1).to(x.dtype), state
 
     def permute(self, x: Tensor, dest: Tensor) -> Tuple[Tensor, "MergeState"]:
         """Apply a plan that merges nothing (``dest`` a permutation of the slots): a reorder in ``x``'s own dtype,

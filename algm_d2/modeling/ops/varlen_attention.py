@@ -59,7 +59,7 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: PackedLa
     batch, seq_len = layout.cu_seqlens.shape[0] - 1, layout.max_seqlen
     padded = [layout.unpack(t.reshape(total, heads * dim)).view(batch, seq_len, heads, dim).transpose(1, 2)
               for t in (q, k, v)]
-    keys = (layout.unpack_index < layout.total).view(batch, 1, 1, seq_len)
+    keys = layout.valid_mask().view(batch, 1, 1, seq_len)
     out = F.scaled_dot_product_attention(*padded, attn_mask=keys)
     return layout.pack(out.transpose(1, 2).reshape(batch, seq_len, heads * dim)).view(total, heads, dim)
 
