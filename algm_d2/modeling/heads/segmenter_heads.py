@@ -90,7 +90,7 @@ class MaskTransformer(nn.Module):
             for block in self.blocks:
                 packed = packed_attention_residual(block, packed, layout)
                 packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
-            x = self.decoder_norm(layout.unpack(packed))
+            x = layout.unpack(self.decoder_norm(packed))
             patch_x, class_x = x[:, self.num_classes:], x[:, :self.num_classes]
         else:
             x = torch.cat([x, classes], dim=1)
