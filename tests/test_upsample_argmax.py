@@ -164,6 +164,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             cases.append((near_ties(k, h, w, dtype).contiguous(memory_format=torch.channels_last), (height, width),
                           False))
         cases.append((near_ties(16, 2, 3, dtype).contiguous(memory_format=torch.channels_last), (16, 24), False))
+        # classes a few ulps below another at all four corners of a cell, which rounding can still tie
+        cases.append((near_ties(12, 6, 6, dtype), (48, 48), False))
         x = torch.randn(2, 4, 4, 5)
         x[0, 1, 1, 2], x[0, 3, 2, 2], x[1, 2, 0, 0] = float("nan"), float("nan"), float("nan")
         x[0, 0, 3, 4], x[1, 1, 2, 3], x[1, 3, 2, 4] = float("inf"), float("-inf"), float("inf")
