@@ -209,7 +209,8 @@ class ALGMViT(nn.Module):
             else:
                 if packed is not None:  # a block that cannot run packed follows one that did
                     stream.x, packed = stream.layout.unpack(packed), None
-                x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.bias, stream.rope)
+                x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.key_bias(stream.x),
+                                           stream.rope)
             if observer is not None:
                 observer(layer, x, stream.state)
             previous = stream.state
@@ -257,7 +258,8 @@ class TokenStream:
         x: the (merged) sequence ``[B, T, C]``, prefix tokens first.
         state: its merge state.
         algm: the ALGM config of this forward pass.
-        bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged.
+        bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged; read it
+            through :meth:`key_bias` (built on first use after a merge: packed blocks need none).
         grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
         layout: where the valid tokens of a padded per-image batch sit when packed, else None.
     """
@@ -270,11 +272,18 @@ class TokenStream:
     rope: Optional[Tensor] = None
     phases: Optional[RotaryPhases] = None
     layout: Optional[PackedLayout] = None
+    bias_stale: bool = False
+
+    def key_bias(self, x: Tensor) -> Optional[Tensor]:
+        """The key bias for padded attention on ``x`` (the current tokens), built once per merge."""
+        if self.bias_stale:
+            self.bias, self.bias_stale = self.state.attention_bias(self.algm.prop_attn, attention_dtype(x)), False
+        return self.bias
 
     def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
-        """Recompute the key bias, the RoPE at mean positions and the packed layout after a merge (``x``: the merged
-        tokens)."""
-        self.bias = self.state.attention_bias(self.algm.prop_attn, attention_dtype(x))
+        """Refresh what attention needs after a merge (``x``: the merged tokens): the RoPE at mean positions, the
+        packed layout and, on first use, the key bias."""
+        self.bias, self.bias_stale = None, True
         padded = self.state.padded and self.state.total_tokens is not None
         self.layout = PackedLayout.from_state(self.state) if padded else None
         if self.grid_rope is not None:
