@@ -28,8 +28,8 @@ and, on CUDA, never materialises that tensor:
    gathers, one launch, each corner read by the four blocks around it instead of by every pixel. Here the
    candidates are pruned more tightly: the difference of two classes' values interpolates the differences of their
    corners, so a class below the one with the largest lower bound at all four corners (by both margins) never wins
-   (the decode-tail tool's smooth logits: 2.4 candidates per block instead of 3.5); a block left with one candidate writes it
-   without interpolating.
+   (the decode-tail tool's smooth logits: 2.4 candidates per block instead of 3.5); a block left with one
+   candidate writes it without interpolating.
 
 PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
