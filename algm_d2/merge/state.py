@@ -108,16 +108,13 @@ class MergeState:
         b, t = dest.shape
         sizes = self.sizes.float()
         # One flat index per token: image i's slot j is row i * seq_len + j, so the sums come out as contiguous
-        # [B, seq_len, ·] blocks. Padding tokens go to one extra block of trash slots (whatever their values, even
-        # NaN, they never reach a real slot), spread over it: a slot that collected all of them would be summed in one
-        # long serial run by the sorted accumulation.
+        # [B, seq_len, ·] blocks. Tokens routed past seq_len (padding) go to one extra block of trash slots (whatever
+        # their values, even NaN, they never reach a real slot), spread over it: a slot that collected all of them
+        # would be summed in one long serial run by the sorted accumulation.
         offsets = torch.arange(b, device=dest.device)[:, None] * seq_len
-        if self.padded:
-            trash = b * seq_len + torch.arange(t, device=dest.device) % seq_len
-            flat = torch.where(dest < seq_len, dest + offsets, trash).flatten()
-        else:
-            flat = (dest + offsets).flatten()
-        slots = (b + 1) * seq_len if self.padded else b * seq_len
+        trash = b * seq_len + torch.arange(t, device=dest.device) % seq_len
+        flat = torch.where(dest < seq_len, dest + offsets, trash).flatten()
+        slots = (b + 1) * seq_len
         # sizes and size-weighted positions first; each token then enters its slot's sum already divided by the
         # slot's size, so the token sums are the means (contiguous, no division pass over [B, seq_len, C])
         weight = sizes[..., None]
