@@ -101,6 +101,11 @@ def _graphed(forward: Callable[[Tensor], Any], example: Tensor) -> Callable[[Ten
     return replay
 
 
+def _whole_passes(calls: int, inputs: int) -> int:
+    """``calls`` rounded up to a multiple of ``inputs``."""
+    return -(-calls // inputs) * inputs
+
+
 def _host_ms(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> float:
     """Median time the host takes to issue one call after a synchronize (for calls without host syncs: the launch
     cost; a call that takes longer to issue than the GPU takes to run it is bound by the CPU)."""
@@ -197,11 +202,10 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                 cycle = itertools.cycle(batches[protocol])
                 run = runners[name]
                 # whole passes over the inputs, warm-up included: timed call j of every round runs input j % inputs
-                passes = lambda calls: -(-calls // inputs) * inputs  # noqa: E731
                 measured.append(measure_throughput(
                     lambda _: run(next(cycle)), None,
-                    warmup=passes(warmup if round_index == 0 else max(1, warmup // rounds)),
-                    iters=passes(round_iters), device=device, batch_size=batch_size, progress=False,
+                    warmup=_whole_passes(warmup if round_index == 0 else max(1, warmup // rounds), inputs),
+                    iters=_whole_passes(round_iters, inputs), device=device, batch_size=batch_size, progress=False,
                     keep_times=True))
                 if round_index == 0:
                     results[name]["protocols"][protocol]["host_ms_per_batch"] = _host_ms(lambda: run(next(cycle)),
