@@ -128,6 +128,30 @@ def test_triton_varlen_kernel_in_the_interpreter():
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
 
 
+_INTERPRETED_LAYOUT = textwrap.dedent("""
+    import random
+    import torch
+    from algm_d2.merge.packing import layout_torch, layout_triton
+    random.seed(0)
+    cases = [[5], [0, 3], [1025] * 32, [1, 2000, 0, 7]] + [
+        [random.randint(0, 1100) for _ in range(random.choice([2, 31, 33]))] for _ in range(4)]
+    for counts in cases:
+        seq_len, total = max(counts) + 2, sum(counts)
+        expected, built = (f(torch.tensor(counts), seq_len, total) for f in (layout_torch, layout_triton))
+        assert built[0].dtype == torch.int32 and built[3].dtype == torch.long
+        assert torch.equal(built[0], expected[0]) and torch.equal(built[3], expected[3]), counts
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_layout_kernel_in_the_interpreter_equals_the_torch_layout():
+    """The one-launch layout builder CUDA uses (run by Triton's interpreter) = the torch ops, element for element."""
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED_LAYOUT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
+
+
 @pytest.mark.parametrize("global_rule", ["batch_stats", FixedLevel(fraction=0.3)])
 def test_packed_padded_and_unbatched_per_image_runs_agree(global_rule):
     torch.manual_seed(0)

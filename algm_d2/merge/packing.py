@@ -9,10 +9,16 @@ host from the merge stage's own sync).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
 
 from .state import MergeState
 
@@ -46,14 +52,11 @@ class PackedLayout:
 
     @classmethod
     def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
-        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int)."""
-        device = counts.device
-        starts = torch.cumsum(counts, 0) - counts
-        cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
-        rows = torch.arange(total, device=device)
-        image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
-        pack_index = image * seq_len + rows - starts[image]
-        return cls(cu_seqlens, seq_len, total, pack_index)
+        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int).
+        On CUDA one Triton launch builds it (the eager per-image path is bound by the host's launches)."""
+        if counts.is_cuda and triton is not None:
+            return cls(*layout_triton(counts, seq_len, total))
+        return cls(*layout_torch(counts, seq_len, total))
 
     def valid_mask(self) -> Tensor:
         """``[B, T]`` bool: the slots of the padded batch that hold a token."""
@@ -74,3 +77,40 @@ class PackedLayout:
         batch = self.cu_seqlens.shape[0] - 1
         padded = packed.new_zeros(batch * self.max_seqlen, packed.shape[-1])
         return padded.index_copy_(0, self._rows(), packed).view(batch, self.max_seqlen, packed.shape[-1])
+
+
+def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, int, int, Tensor]:
+    """:meth:`PackedLayout.from_counts`'s fields with torch ops."""
+    starts = torch.cumsum(counts, 0) - counts
+    cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
+    rows = torch.arange(total, device=counts.device)
+    image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+    return cu_seqlens, seq_len, total, image * seq_len + rows - starts[image]
+
+
+def layout_triton(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, int, int, Tensor]:
+    """:meth:`PackedLayout.from_counts`'s fields from one Triton launch (instead of ~10 small kernels)."""
+    batch = counts.shape[0]
+    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=counts.device)
+    pack_index = torch.empty(total, dtype=torch.long, device=counts.device)
+    _layout_kernel[(batch,)](counts.long().contiguous(), cu_seqlens, pack_index, batch, seq_len,
+                             BLOCK_B=triton.next_power_of_2(batch), BLOCK_ROWS=1024)
+    return cu_seqlens, seq_len, total, pack_index
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layout_kernel(counts, cu_seqlens, pack_index, batch, seq_len, BLOCK_B: tl.constexpr,
+                       BLOCK_ROWS: tl.constexpr):
+        # one program per image: its start is the sum of the counts before it; its rows are image * seq_len + r
+        image = tl.program_id(0)
+        images = tl.arange(0, BLOCK_B)
+        start = tl.sum(tl.load(counts + images, mask=images < image, other=0))
+        count = tl.load(counts + image)
+        tl.store(cu_seqlens + image, start.to(tl.int32))
+        if image == batch - 1:
+            tl.store(cu_seqlens + batch, (start + count).to(tl.int32))
+        for first in tl.range(0, count, BLOCK_ROWS):
+            rows = first + tl.arange(0, BLOCK_ROWS)
+            tl.store(pack_index + start + rows, image.to(tl.int64) * seq_len + rows, mask=rows < count)
