@@ -61,9 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--mfu", action="store_true",
                         help="also measure the plain encoder's TFLOP/s against the measured matmul ceiling")
     parser.add_argument("--compile", default=None, metavar="MODE",
-                        help="torch.compile mode (default, max-autotune, reduce-overhead): static-shape settings "
-                             "compile their whole forward, threshold settings their block halves with dynamic shapes "
-                             "(no CUDA graphs there)")
+                        help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

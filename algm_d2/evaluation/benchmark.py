@@ -101,15 +101,6 @@ def _graphed(forward: Callable[[Tensor], Any], example: Tensor) -> Callable[[Ten
     return replay
 
 
-def blocks_compile_mode(compile_mode: Optional[str]) -> Optional[str]:
-    """The ``torch.compile`` mode for the block halves of data-dependent settings (``compile_blocks``) when the
-    static ones compile with ``compile_mode``: the same without CUDA graphs (one graph per token count would be
-    recorded)."""
-    if compile_mode is None:
-        return None
-    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(compile_mode, compile_mode)
-
-
 def _whole_passes(calls: int, inputs: int) -> int:
     """``calls`` rounded up to a multiple of ``inputs``."""
     return -(-calls // inputs) * inputs
@@ -139,10 +130,9 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
 
     ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
     (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
-    "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``) and, for the
-    others, the network's block halves (``net.compile_blocks``, dynamic shapes, :func:`blocks_compile_mode`);
-    ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. The merges of
-    settings with data-dependent token counts run eagerly either way (they sync with the host).
+    "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
+    ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
+    data-dependent token counts run eagerly either way (their merges sync with the host).
 
     The timed iterations are spread over ``rounds`` rounds that visit every (setting, protocol) in turn, so slow
     drifts of the machine (clocks, temperature, other tenants) hit all settings alike. Every round (warm-up
@@ -172,9 +162,6 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
     dtype = PRECISIONS[precision]
     net.eval()
-    block_mode = blocks_compile_mode(compile_mode) if hasattr(net, "compile_blocks") else None
-    if block_mode is not None:
-        net.compile_blocks(block_mode)
     results: Dict[str, Any] = {}
     runners: Dict[str, Callable[[Tensor], Any]] = {}
     batches = {protocol: _batches(images, batch_size, protocol) for protocol in protocols}
@@ -188,9 +175,8 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
             if compiled:
                 forward = torch.compile(forward, mode=compile_mode, dynamic=False)
             graphed = cuda_graphs and static
-            entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {}, "cuda_graph": graphed,
-                                     "compiled": compile_mode if compiled else
-                                     (f"blocks ({block_mode}, dynamic)" if block_mode else None)}
+            entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {},
+                                     "compiled": compile_mode if compiled else None, "cuda_graph": graphed}
             for protocol in protocols:
                 stats = []
                 for batch in batches[protocol]:
@@ -240,8 +226,6 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                 "ms_per_batch_rounds": [m["ms_per_batch_median"] for m in measured], "iters": int(times.size),
                 "peak_memory_mb": max(peaks) if peaks else None})
     runners.clear()  # frees the graphs' memory pools
-    if block_mode is not None:
-        net.compile_blocks(None)
     for name in settings:
         net.set_algm(settings[name])
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]

@@ -9,7 +9,7 @@ host from the merge stage's own sync).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -32,23 +32,19 @@ class PackedLayout:
         max_seqlen: the longest image (= the padded sequence length).
         total: all valid tokens (host int).
         pack_index: ``[total]`` long, row of the flattened padded batch ``[B*T]`` each packed row comes from (and
-            goes back to); None in a layout of offsets only (what variable-length kernels read), which cannot pack.
+            goes back to).
     """
 
     cu_seqlens: Tensor
     max_seqlen: int
     total: int
-    pack_index: Optional[Tensor]
+    pack_index: Tensor
 
     @classmethod
     def from_state(cls, state: MergeState) -> "PackedLayout":
         if state.total_tokens is None:
             raise ValueError("the merge state does not know its total token count on the host; cannot pack")
         return cls.from_counts(state.num_tokens, state.sizes.shape[1], state.total_tokens)
-
-    @classmethod
-    def offsets_only(cls, cu_seqlens: Tensor, max_seqlen: int, total: int) -> "PackedLayout":
-        return cls(cu_seqlens, max_seqlen, total, None)
 
     @classmethod
     def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
@@ -63,20 +59,15 @@ class PackedLayout:
         counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1])[:, None]
         return torch.arange(self.max_seqlen, device=counts.device) < counts
 
-    def _rows(self) -> Tensor:
-        if self.pack_index is None:
-            raise ValueError("this PackedLayout holds offsets only (offsets_only); build it with from_counts to pack")
-        return self.pack_index
-
     def pack(self, x: Tensor) -> Tensor:
         """Padded ``[B, T, C]`` → packed ``[total, C]``."""
-        return x.flatten(0, 1).index_select(0, self._rows())
+        return x.flatten(0, 1).index_select(0, self.pack_index)
 
     def unpack(self, packed: Tensor) -> Tensor:
         """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding (one zero fill and one row copy)."""
         batch = self.cu_seqlens.shape[0] - 1
         padded = packed.new_zeros(batch * self.max_seqlen, packed.shape[-1])
-        return padded.index_copy_(0, self._rows(), packed).view(batch, self.max_seqlen, packed.shape[-1])
+        return padded.index_copy_(0, self.pack_index, packed).view(batch, self.max_seqlen, packed.shape[-1])
 
 
 def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, int, int, Tensor]:

@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
 from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
+from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
-from .blocks import EAGER, BlockRunner
 from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
 
@@ -114,7 +114,6 @@ class ALGMViT(nn.Module):
         self.pos_embed_interp = pos_embed_interp
         self.activation_checkpointing = activation_checkpointing
         self.packed_attention = packed_attention
-        self.block_runner = EAGER  # compile_blocks() swaps in compiled halves
 
     @classmethod
     def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
@@ -157,10 +156,23 @@ class ALGMViT(nn.Module):
                                  f"{grid}; build the timm model with dynamic_img_size=True")
         return x, grid, rope
 
-    def compile_blocks(self, mode: Optional[str] = "default") -> None:
-        """Run the block halves compiled with ``torch.compile(dynamic=True, mode=mode)``: one graph per half for all
-        blocks and token counts (:class:`BlockRunner`); the merges between them stay eager. ``None``: eager again."""
-        self.block_runner = EAGER if mode is None else BlockRunner.compiled(mode)
+    def _attention_residual(self, index: int, x: Tensor, bias: Optional[Tensor], rope: Optional[Tensor]) -> Tensor:
+        block = self.blocks[index]
+        if self.kinds[index] == "eva":
+            out = block.attn(block.norm1(x), rope=rope, attn_mask=bias)
+            if block.gamma_1 is not None:
+                out = block.gamma_1 * out
+            return x + block.drop_path1(out)
+        return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+
+    def _mlp_residual(self, index: int, x: Tensor) -> Tensor:
+        block = self.blocks[index]
+        out = block.mlp(block.norm2(x))
+        if self.kinds[index] == "eva":
+            if block.gamma_2 is not None:
+                out = block.gamma_2 * out
+            return x + block.drop_path2(out)
+        return x + block.drop_path2(block.ls2(out))
 
     def _maybe_checkpoint(self, fn: Callable[..., Tensor], *args: object) -> Tensor:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -183,23 +195,22 @@ class ALGMViT(nn.Module):
         from block to block and are unpacked for a merge or at the end.
         """
         packed: Optional[Tensor] = None
-        run = self.block_runner
         for index in range(start, end):
             layer = index + 1
-            block, eva = self.blocks[index], self.kinds[index] == "eva"
             if self._packs(stream, index, observer):
                 layout = stream.layout
                 packed = layout.pack(stream.x) if packed is None else packed
-                packed = self._maybe_checkpoint(run.packed_attention, block, packed, layout)
+                packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
                 if not stream.algm.merges_at(layer):
-                    packed = self._maybe_checkpoint(run.mlp, block, False, packed)
+                    packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
                     stream.state.record_layer()
                     continue
                 x, packed = layout.unpack(packed), None
             else:
                 if packed is not None:  # a block that cannot run packed follows one that did
                     stream.x, packed = stream.layout.unpack(packed), None
-                x = self._maybe_checkpoint(run.attention, block, eva, stream.x, stream.key_bias(stream.x), stream.rope)
+                x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.key_bias(stream.x),
+                                           stream.rope)
             if observer is not None:
                 observer(layer, x, stream.state)
             previous = stream.state
@@ -207,9 +218,9 @@ class ALGMViT(nn.Module):
             if stream.state is not previous:
                 stream.refresh_attention_inputs(x, self.num_prefix_tokens)
             if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
-                packed = self._maybe_checkpoint(run.mlp, block, False, stream.layout.pack(x))
+                packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
             else:
-                stream.x = self._maybe_checkpoint(run.mlp, block, eva, x)
+                stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
             stream.state.record_layer()
         if packed is not None:
             stream.x = stream.layout.unpack(packed)
@@ -222,6 +233,10 @@ class ALGMViT(nn.Module):
         return (self.packed_attention and stream.layout is not None and not self.training and observer is None
                 and not stream.algm.prop_attn and self.kinds[index] == "vit"
                 and getattr(block.attn, "gate", None) is None)
+
+    def _packed_attention_residual(self, index: int, x: Tensor, layout: PackedLayout) -> Tensor:
+        """``x + attn(norm1(x))`` on packed tokens ``[total, C]``: timm's attention parts, variable-length kernel."""
+        return packed_attention_residual(self.blocks[index], x, layout)
 
     def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
                 ) -> Tuple[Tensor, MergeState]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...merge import MergeState
 from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
-from ..backbone.blocks import EAGER, BlockRunner
+from ..ops.varlen_attention import packed_attention_residual
 from ..registry import SEM_SEG_HEAD_REGISTRY
 
 
@@ -69,11 +69,6 @@ class MaskTransformer(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
         self.apply(init_segmenter_weights)
         trunc_normal_(self.cls_emb, std=0.02)
-        self.block_runner = EAGER  # compile_blocks() swaps in compiled halves
-
-    def compile_blocks(self, mode: Optional[str] = "default") -> None:
-        """Run the blocks' halves compiled (as :meth:`ALGMViT.compile_blocks`); ``None``: eager again."""
-        self.block_runner = EAGER if mode is None else BlockRunner.compiled(mode)
 
     @classmethod
     def from_config(cls, cfg, encoder_dim: int) -> "MaskTransformer":  # noqa: ANN001 - a CfgNode
@@ -88,13 +83,13 @@ class MaskTransformer(nn.Module):
         x = self.proj_dec(patches)
         classes = self.cls_emb.expand(x.shape[0], -1, -1)
         layout = self._packed_layout(state)
-        run = self.block_runner
         if layout is not None:
             # class tokens first, so that each image's valid tokens lead its row (the decoder has no positions:
             # the order changes nothing but the order of the sums)
             packed = layout.pack(torch.cat([classes, x], dim=1))
             for block in self.blocks:
-                packed = run.mlp(block, False, run.packed_attention(block, packed, layout))
+                packed = packed_attention_residual(block, packed, layout)
+                packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
             x = layout.unpack(self.decoder_norm(packed))
             patch_x, class_x = x[:, self.num_classes:], x[:, :self.num_classes]
         else:
@@ -102,8 +97,8 @@ class MaskTransformer(nn.Module):
             bias = patch_key_bias(state, self.prop_attn, attention_dtype(x))
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], self.num_classes)], dim=-1)
-            for block in self.blocks:  # = block(x, attn_mask=bias), in halves that compile_blocks can compile
-                x = run.mlp(block, False, run.attention(block, False, x, bias, None))
+            for block in self.blocks:
+                x = block(x, attn_mask=bias)
             x = self.decoder_norm(x)
             patch_x, class_x = x[:, :-self.num_classes], x[:, -self.num_classes:]
         patch_feat = patch_x @ self.proj_patch

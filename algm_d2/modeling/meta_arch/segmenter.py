@@ -72,14 +72,6 @@ class Segmenter(nn.Module):
         if isinstance(self.decoder, MaskTransformer):
             self.decoder.prop_attn = config.prop_attn
 
-    def compile_blocks(self, mode: Optional[str] = "default") -> None:
-        """Compile the transformer blocks of encoder and decoder for any token count (``torch.compile(dynamic=True)``
-        per block half, merges eager): the compiled path of threshold rules, whose token counts vary per batch.
-        ``None``: eager again. Static shapes (plain model, fixed levels) gain more from compiling the whole forward."""
-        self.encoder.compile_blocks(mode)
-        if hasattr(self.decoder, "compile_blocks"):
-            self.decoder.compile_blocks(mode)
-
     def _patch_logits(self, padded: Tensor) -> Tensor:
         tokens, state = self.encoder(padded)
         self._last_state = state

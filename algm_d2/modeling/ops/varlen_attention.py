@@ -11,8 +11,6 @@ keys and runs SDPA — the same numbers the padded path gives.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,43 +73,14 @@ def varlen_attention_efficient(q: Tensor, k: Tensor, v: Tensor, layout: PackedLa
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
-    """Softmax(q·kᵀ/√D)·v within each image of the packed batch; ``q, k, v`` ``[total, H, D]`` → ``[total, H, D]``.
-
-    Under ``torch.compile`` it is the opaque operator ``algm_d2::varlen_attention`` (the compiled graph calls the
-    same kernels; eager calls skip the operator's dispatch cost)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.algm_d2.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen)
-    kernel = _varlen_kernel(q, k, v)
-    return kernel(q, k, v, layout) if kernel is not None else varlen_attention_reference(q, k, v, layout)
-
-
-def _flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
-    return _flash_varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
-
-
-def _varlen_kernel(q: Tensor, k: Tensor, v: Tensor) -> Optional[Callable[..., Tensor]]:
-    """The fastest variable-length kernel for these inputs (they read only the layout's offsets), or None."""
+    """Softmax(q·kᵀ/√D)·v within each image of the packed batch; ``q, k, v`` ``[total, H, D]`` → ``[total, H, D]``."""
     if triton_varlen_available(q, k, v):
-        return varlen_attention_triton
+        return varlen_attention_triton(q, k, v, layout)
     if flash_varlen_available(q):
-        return _flash_varlen_attention
+        return _flash_varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
     if efficient_varlen_available(q):
-        return varlen_attention_efficient
-    return None
-
-
-@torch.library.custom_op("algm_d2::varlen_attention", mutates_args=())
-def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-    kernel = _varlen_kernel(q, k, v)
-    if kernel is not None:
-        return kernel(q, k, v, PackedLayout.offsets_only(cu_seqlens, max_seqlen, q.shape[0]))
-    counts = cu_seqlens[1:] - cu_seqlens[:-1]
-    return varlen_attention_reference(q, k, v, PackedLayout.from_counts(counts, max_seqlen, q.shape[0]))
-
-
-@_varlen_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-    return q.new_empty(q.shape)
+        return varlen_attention_efficient(q, k, v, layout)
+    return varlen_attention_reference(q, k, v, layout)
 
 
 def packed_attention_residual(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
