@@ -50,9 +50,9 @@ class PackedLayout:
     def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
         """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int).
         On CUDA one Triton launch builds it (the eager per-image path is bound by the host's launches)."""
-        if counts.is_cuda and triton is not None:
-            return cls(*layout_triton(counts, seq_len, total))
-        return cls(*layout_torch(counts, seq_len, total))
+        build = layout_triton if counts.is_cuda and triton is not None else layout_torch
+        cu_seqlens, pack_index = build(counts, seq_len, total)
+        return cls(cu_seqlens, seq_len, total, pack_index)
 
     def valid_mask(self) -> Tensor:
         """``[B, T]`` bool: the slots of the padded batch that hold a token."""
@@ -70,23 +70,23 @@ class PackedLayout:
         return padded.index_copy_(0, self.pack_index, packed).view(batch, self.max_seqlen, packed.shape[-1])
 
 
-def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, int, int, Tensor]:
-    """:meth:`PackedLayout.from_counts`'s fields with torch ops."""
+def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, Tensor]:
+    """``cu_seqlens`` and ``pack_index`` of :meth:`PackedLayout.from_counts` with torch ops."""
     starts = torch.cumsum(counts, 0) - counts
     cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
     rows = torch.arange(total, device=counts.device)
     image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
-    return cu_seqlens, seq_len, total, image * seq_len + rows - starts[image]
+    return cu_seqlens, image * seq_len + rows - starts[image]
 
 
-def layout_triton(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, int, int, Tensor]:
-    """:meth:`PackedLayout.from_counts`'s fields from one Triton launch (instead of ~10 small kernels)."""
+def layout_triton(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, Tensor]:
+    """``cu_seqlens`` and ``pack_index`` of :meth:`PackedLayout.from_counts` from one Triton launch (not ~10 kernels)."""
     batch = counts.shape[0]
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=counts.device)
     pack_index = torch.empty(total, dtype=torch.long, device=counts.device)
     _layout_kernel[(batch,)](counts.long().contiguous(), cu_seqlens, pack_index, batch, seq_len,
                              BLOCK_B=triton.next_power_of_2(batch), BLOCK_ROWS=1024)
-    return cu_seqlens, seq_len, total, pack_index
+    return cu_seqlens, pack_index
 
 
 if triton is not None:
