@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
+    parser.add_argument("--block-graphs", action="store_true",
+                        help="the encoder replays its runs of blocks between merges as CUDA graphs (every setting)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
@@ -124,7 +126,8 @@ def main(argv=None) -> None:  # noqa: ANN001
     report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
                            flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
-                           compile_mode=args.compile, rounds=args.rounds, cuda_graphs=args.cuda_graphs)
+                           compile_mode=args.compile, rounds=args.rounds, cuda_graphs=args.cuda_graphs,
+                           block_graphs=args.block_graphs)
     if args.mfu:
         report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)

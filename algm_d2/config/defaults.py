@@ -75,6 +75,9 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.ROPE_PRETRAIN_GRID = 16
     # Recompute block activations in the backward pass (saves memory).
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
+    # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph (shapes bucketed); for small,
+    # host-bound models. Costs GPU memory per captured shape (at most 64 graphs).
+    cfg.MODEL.BACKBONE.CUDA_GRAPHS = False
 
     cfg.MODEL.SEM_SEG_HEAD = CN()
     # Registered head: "MaskTransformer" (Segmenter's) or "LinearDecoder".

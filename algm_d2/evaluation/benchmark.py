@@ -125,14 +125,16 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                   precision: str = "bf16", protocols: Sequence[str] = PROTOCOLS, warmup: int = 50,
                   iters: int = 100, rounds: int = 5, latency: bool = True, flops_images: int = 4,
                   progress: bool = False, output: str = "logits", compile_mode: Optional[str] = None,
-                  cuda_graphs: bool = False) -> Dict[str, Any]:
+                  cuda_graphs: bool = False, block_graphs: bool = False) -> Dict[str, Any]:
     """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
 
     ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
     (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
     "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
     ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
-    data-dependent token counts run eagerly either way (their merges sync with the host).
+    data-dependent token counts run eagerly either way (their merges sync with the host). ``block_graphs`` (CUDA only)
+    has the encoder replay its runs of blocks between merges as CUDA graphs in every setting (``use_cuda_graphs``;
+    inside a whole-forward graph or compile they run inline).
 
     The timed iterations are spread over ``rounds`` rounds that visit every (setting, protocol) in turn, so slow
     drifts of the machine (clocks, temperature, other tenants) hit all settings alike. Every round (warm-up
@@ -158,14 +160,15 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         raise ValueError(f"need rounds >= 1 and iters >= 1, got rounds={rounds}, iters={iters}")
     rounds = min(rounds, iters)
     device = images.device
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
+    if (cuda_graphs or block_graphs) and device.type != "cuda":
+        raise ValueError(f"cuda_graphs and block_graphs need CUDA images, got device {device}")
     dtype = PRECISIONS[precision]
     net.eval()
     results: Dict[str, Any] = {}
     runners: Dict[str, Callable[[Tensor], Any]] = {}
     batches = {protocol: _batches(images, batch_size, protocol) for protocol in protocols}
     round_iters = -(-iters // rounds)
+    net.encoder.use_cuda_graphs(block_graphs)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for name, algm in settings.items():
             net.set_algm(algm)
@@ -193,6 +196,8 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                                                          batch_size=1)["ms_per_batch_median"]
             runners[name] = _graphed(forward, batches[protocols[0]][0]) if graphed else forward
             results[name] = entry
+        graphs = net.encoder.block_graphs
+        captures = {"before_rounds": graphs.captures} if graphs is not None else None
         timings: Dict[Tuple[str, str], List[Dict[str, Any]]] = {key: [] for key in
                                                                  itertools.product(settings, protocols)}
         for round_index in tqdm(range(rounds), desc="rounds", disable=not progress):
@@ -226,6 +231,9 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                 "ms_per_batch_rounds": [m["ms_per_batch_median"] for m in measured], "iters": int(times.size),
                 "peak_memory_mb": max(peaks) if peaks else None})
     runners.clear()  # frees the graphs' memory pools
+    if captures is not None:  # block graphs captured during the timed rounds (the warm-up passes included)
+        captures.update(after_rounds=graphs.captures, kept=len(graphs))
+    net.encoder.use_cuda_graphs(False)
     for name in settings:
         net.set_algm(settings[name])
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
@@ -245,6 +253,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                       / r["protocols"]["mixed"]["ms_per_batch_input_mean"] for name, r in results.items()}
     return {"config": {"batch_size": batch_size, "precision": precision, "protocols": list(protocols),
                        "output": output, "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
+                       "block_graphs": block_graphs, "block_graph_captures": captures,
                        "warmup": warmup, "iters": iters, "rounds": rounds, "num_images": int(images.shape[0]),
                        "image_size": list(images.shape[-2:]), "device": _device_name(device)},
             "results": results, "ratios": ratios, "mixed_over_repeat": adaptivity}

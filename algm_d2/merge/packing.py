@@ -24,19 +24,38 @@ from .state import MergeState
 
 
 @dataclass(frozen=True)
-class PackedLayout:
-    """Where each image's tokens sit in the packed sequence.
+class SequenceOffsets:
+    """Where each image's rows sit in a packed ``[rows, ...]`` tensor: all that variable-length attention reads.
 
     Attributes:
-        cu_seqlens: ``[B + 1]`` int32 cumulative token counts (image b owns rows ``cu[b]:cu[b+1]``).
-        max_seqlen: the longest image (= the padded sequence length).
+        cu_seqlens: ``[B + 1]`` int32 cumulative token counts (image b owns rows ``cu[b]:cu[b+1]``); rows past
+            ``cu[B]`` belong to no image (a CUDA-graph bucket's tail) and are ignored.
+        max_seqlen: an upper bound of the longest image (the padded sequence length).
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def valid_mask(self) -> Tensor:
+        """``[B, max_seqlen]`` bool: the slots of the padded batch that hold a token."""
+        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1])[:, None]
+        return torch.arange(self.max_seqlen, device=counts.device) < counts
+
+
+@dataclass(frozen=True)
+class PackedLayout(SequenceOffsets):
+    """The offsets plus the gathers between the padded batch and the packed one.
+
+    Attributes:
         total: all valid tokens (host int).
         pack_index: ``[total]`` long, row of the flattened padded batch ``[B*T]`` each packed row comes from (and
             goes back to).
     """
 
-    cu_seqlens: Tensor
-    max_seqlen: int
     total: int
     pack_index: Tensor
 
@@ -54,20 +73,14 @@ class PackedLayout:
         cu_seqlens, pack_index = build(counts, seq_len, total)
         return cls(cu_seqlens, seq_len, total, pack_index)
 
-    def valid_mask(self) -> Tensor:
-        """``[B, T]`` bool: the slots of the padded batch that hold a token."""
-        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1])[:, None]
-        return torch.arange(self.max_seqlen, device=counts.device) < counts
-
     def pack(self, x: Tensor) -> Tensor:
         """Padded ``[B, T, C]`` → packed ``[total, C]``."""
         return x.flatten(0, 1).index_select(0, self.pack_index)
 
     def unpack(self, packed: Tensor) -> Tensor:
         """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding (one zero fill and one row copy)."""
-        batch = self.cu_seqlens.shape[0] - 1
-        padded = packed.new_zeros(batch * self.max_seqlen, packed.shape[-1])
-        return padded.index_copy_(0, self.pack_index, packed).view(batch, self.max_seqlen, packed.shape[-1])
+        padded = packed.new_zeros(self.batch * self.max_seqlen, packed.shape[-1])
+        return padded.index_copy_(0, self.pack_index, packed).view(self.batch, self.max_seqlen, packed.shape[-1])
 
 
 def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, Tensor]:

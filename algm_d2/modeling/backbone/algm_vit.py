@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
-from ...merge.packing import PackedLayout
+from ...merge.packing import PackedLayout, SequenceOffsets
 from ...merge.state import attention_dtype
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
+from .block_graphs import BlockGraphs
 from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
 
@@ -80,10 +81,13 @@ class ALGMViT(nn.Module):
         activation_checkpointing: recompute the attention and MLP halves of each block in backward when training.
         packed_attention: run padded per-image batches on their valid tokens only, with variable-length attention
             (inference; see :meth:`_packs`); False keeps the padded batch with a key mask.
+        cuda_graphs: in CUDA inference, replay each run of blocks between merges as a CUDA graph (see
+            :mod:`.block_graphs`; for host-bound small models).
     """
 
     def __init__(self, *, vit: nn.Module, algm: ALGMConfig = OFF, pos_embed_interp: str = "bicubic",
-                 activation_checkpointing: bool = False, packed_attention: bool = True) -> None:
+                 activation_checkpointing: bool = False, packed_attention: bool = True,
+                 cuda_graphs: bool = False) -> None:
         super().__init__()
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise TypeError(f"expected a timm VisionTransformer or Eva, got {type(vit).__name__}")
@@ -114,12 +118,18 @@ class ALGMViT(nn.Module):
         self.pos_embed_interp = pos_embed_interp
         self.activation_checkpointing = activation_checkpointing
         self.packed_attention = packed_attention
+        self.block_graphs: Optional[BlockGraphs] = None
+        self.use_cuda_graphs(cuda_graphs)
 
     @classmethod
     def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
         node = cfg.MODEL.BACKBONE
         return cls(vit=build_timm_vit(cfg), algm=algm_config_from_cfg(cfg), pos_embed_interp=node.POS_EMBED_INTERP,
-                   activation_checkpointing=node.ACTIVATION_CHECKPOINTING)
+                   activation_checkpointing=node.ACTIVATION_CHECKPOINTING, cuda_graphs=node.CUDA_GRAPHS)
+
+    def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 64, capture: bool = True) -> None:
+        """Turn the block-run CUDA graphs on (a fresh, empty cache) or off (frees them)."""
+        self.block_graphs = BlockGraphs(max_graphs=max_graphs, capture=capture) if enabled else None
 
     @property
     def depth(self) -> int:
@@ -192,38 +202,95 @@ class ALGMViT(nn.Module):
         Adapters interleave their own steps between block ranges; the stream carries the merged tokens, the state and
         the attention inputs derived from it (key bias, RoPE at mean positions) across calls. A padded per-image batch
         runs packed (valid tokens only, variable-length attention) where :meth:`_packs` allows; the tokens stay packed
-        from block to block and are unpacked for a merge or at the end.
+        from block to block and are unpacked for a merge or at the end. With CUDA graphs on, each run of blocks
+        without a merge replays as one graph (:mod:`.block_graphs`).
         """
         packed: Optional[Tensor] = None
-        for index in range(start, end):
-            layer = index + 1
-            if self._packs(stream, index, observer):
-                layout = stream.layout
-                packed = layout.pack(stream.x) if packed is None else packed
-                packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
-                if not stream.algm.merges_at(layer):
-                    packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
-                    stream.state.record_layer()
-                    continue
-                x, packed = layout.unpack(packed), None
+        borrowed = False  # stream.x is a graph's buffer (the next replay overwrites it)
+        index = start
+        while index < end:
+            packs = self._packs(stream, index, observer)
+            stop = self._graph_run_end(stream, index, end, observer, packs)
+            if stop == index:
+                packed = self._run_block(stream, index, packed, packs, observer)
+                borrowed = False
+                index += 1
+                continue
+            if packs:
+                packed = stream.layout.pack(stream.x) if packed is None else packed
+                packed = self.block_graphs.packed((index, stop), self._packed_blocks(index, stop), packed,
+                                                  stream.layout)
             else:
-                if packed is not None:  # a block that cannot run packed follows one that did
+                if packed is not None:
                     stream.x, packed = stream.layout.unpack(packed), None
-                x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.key_bias(stream.x),
-                                           stream.rope)
-            if observer is not None:
-                observer(layer, x, stream.state)
-            previous = stream.state
-            x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
-            if stream.state is not previous:
-                stream.refresh_attention_inputs(x, self.num_prefix_tokens)
-            if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
-                packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
-            else:
-                stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
-            stream.state.record_layer()
+                stream.x = self.block_graphs.dense((index, stop), self._dense_blocks(index, stop), stream.x,
+                                                   stream.key_bias(stream.x), stream.rope)
+                borrowed = True
+            for _ in range(index, stop):
+                stream.state.record_layer()
+            index = stop
         if packed is not None:
             stream.x = stream.layout.unpack(packed)
+        elif borrowed:
+            stream.x = stream.x.clone()
+
+    def _run_block(self, stream: "TokenStream", index: int, packed: Optional[Tensor], packs: bool,
+                   observer: Optional[Observer]) -> Optional[Tensor]:
+        """Block ``index`` (and its merge, if any) on ``stream``; ``packed``: the tokens while they stay packed.
+        Returns the packed tokens after the block, or None when they are in ``stream.x``."""
+        layer = index + 1
+        if packs:
+            layout = stream.layout
+            packed = layout.pack(stream.x) if packed is None else packed
+            packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
+            if not stream.algm.merges_at(layer):
+                packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
+                stream.state.record_layer()
+                return packed
+            x = layout.unpack(packed)
+        else:
+            if packed is not None:  # a block that cannot run packed follows one that did
+                stream.x = stream.layout.unpack(packed)
+            x = self._maybe_checkpoint(self._attention_residual, index, stream.x, stream.key_bias(stream.x),
+                                       stream.rope)
+        if observer is not None:
+            observer(layer, x, stream.state)
+        previous = stream.state
+        x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
+        if stream.state is not previous:
+            stream.refresh_attention_inputs(x, self.num_prefix_tokens)
+        packed = None
+        if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
+            packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
+        else:
+            stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
+        stream.state.record_layer()
+        return packed
+
+    def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
+                       packs: bool) -> int:
+        """The end of the run of blocks from ``index`` that replays as one CUDA graph (``index`` itself: none):
+        blocks without a merge that all run packed or all run dense, in graph-capable inference."""
+        if self.block_graphs is None or observer is not None or self.training or not self.block_graphs.usable(stream.x):
+            return index
+        stop = index
+        while stop < end and not stream.algm.merges_at(stop + 1) and self._packs(stream, stop, observer) == packs:
+            stop += 1
+        return stop
+
+    def _packed_blocks(self, start: int, stop: int) -> Callable[[Tensor, SequenceOffsets], Tensor]:
+        def run(x: Tensor, offsets: SequenceOffsets) -> Tensor:
+            for index in range(start, stop):
+                x = self._mlp_residual(index, self._packed_attention_residual(index, x, offsets))
+            return x
+        return run
+
+    def _dense_blocks(self, start: int, stop: int) -> Callable[[Tensor, Optional[Tensor], Optional[Tensor]], Tensor]:
+        def run(x: Tensor, bias: Optional[Tensor], rope: Optional[Tensor]) -> Tensor:
+            for index in range(start, stop):
+                x = self._mlp_residual(index, self._attention_residual(index, x, bias, rope))
+            return x
+        return run
 
     def _packs(self, stream: "TokenStream", index: int, observer: Optional[Observer]) -> bool:
         """Whether block ``index`` runs on packed tokens: a padded per-image batch in inference, a plain ViT block
@@ -234,9 +301,9 @@ class ALGMViT(nn.Module):
                 and not stream.algm.prop_attn and self.kinds[index] == "vit"
                 and getattr(block.attn, "gate", None) is None)
 
-    def _packed_attention_residual(self, index: int, x: Tensor, layout: PackedLayout) -> Tensor:
+    def _packed_attention_residual(self, index: int, x: Tensor, offsets: SequenceOffsets) -> Tensor:
         """``x + attn(norm1(x))`` on packed tokens ``[total, C]``: timm's attention parts, variable-length kernel."""
-        return packed_attention_residual(self.blocks[index], x, layout)
+        return packed_attention_residual(self.blocks[index], x, offsets)
 
     def forward(self, images: Tensor, observer: Optional[Observer] = None, algm: Optional[ALGMConfig] = None
                 ) -> Tuple[Tensor, MergeState]:

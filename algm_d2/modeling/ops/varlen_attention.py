@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...merge.packing import PackedLayout
+from ...merge.packing import SequenceOffsets
 
 try:  # torch >= 2.9
     from torch.nn.attention.varlen import varlen_attn as _flash_varlen
@@ -53,43 +53,51 @@ def efficient_varlen_available(x: Tensor) -> bool:
     return x.is_cuda and dim <= 128 and dim % (4 if x.dtype == torch.float32 else 8) == 0
 
 
-def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
-    """Pad → SDPA with a key-padding mask → pack (the padded path's arithmetic)."""
-    total, heads, dim = q.shape
-    batch, seq_len = layout.cu_seqlens.shape[0] - 1, layout.max_seqlen
-    padded = [layout.unpack(t.reshape(total, heads * dim)).view(batch, seq_len, heads, dim).transpose(1, 2)
-              for t in (q, k, v)]
-    keys = layout.valid_mask().view(batch, 1, 1, seq_len)
-    out = F.scaled_dot_product_attention(*padded, attn_mask=keys)
-    return layout.pack(out.transpose(1, 2).reshape(batch, seq_len, heads * dim)).view(total, heads, dim)
+def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, offsets: SequenceOffsets) -> Tensor:
+    """Pad → SDPA with a key-padding mask → pack (the padded path's arithmetic); rows past the last image give 0."""
+    rows, heads, dim = q.shape
+    batch, seq_len = offsets.batch, offsets.max_seqlen
+    cu = offsets.cu_seqlens.long()
+    row = torch.arange(rows, device=q.device)
+    image = torch.searchsorted(cu[1:], row, right=True)
+    inside = image < batch
+    owner = image.clamp(max=batch - 1)
+    # slot of each row in the padded batch; rows of no image go to one trash slot after it
+    slot = torch.where(inside, owner * seq_len + row - cu[owner], batch * seq_len)
+    padded = [t.new_zeros(batch * seq_len + 1, heads * dim).index_copy_(0, slot, t.reshape(rows, heads * dim))
+              [:-1].view(batch, seq_len, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    keys = offsets.valid_mask().view(batch, 1, 1, seq_len)
+    out = F.scaled_dot_product_attention(*padded, attn_mask=keys).transpose(1, 2).reshape(batch * seq_len, -1)
+    return torch.cat([out, out.new_zeros(1, heads * dim)]).index_select(0, slot).view(rows, heads, dim)
 
 
-def varlen_attention_efficient(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+def varlen_attention_efficient(q: Tensor, k: Tensor, v: Tensor, offsets: SequenceOffsets) -> Tensor:
     """The memory-efficient kernel on the packed batch (``[1, total, H, D]`` with ``cu_seqlens``)."""
-    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    cu, longest = offsets.cu_seqlens, offsets.max_seqlen
     out = torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu, cu, longest, longest,
                                                       0.0, 0, False)[0]
     return out[0]
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, offsets: SequenceOffsets) -> Tensor:
     """Softmax(q·kᵀ/√D)·v within each image of the packed batch; ``q, k, v`` ``[total, H, D]`` → ``[total, H, D]``."""
     if triton_varlen_available(q, k, v):
-        return varlen_attention_triton(q, k, v, layout)
+        return varlen_attention_triton(q, k, v, offsets)
     if flash_varlen_available(q):
-        return _flash_varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
+        cu, longest = offsets.cu_seqlens, offsets.max_seqlen
+        return _flash_varlen(q, k, v, cu, cu, longest, longest)
     if efficient_varlen_available(q):
-        return varlen_attention_efficient(q, k, v, layout)
-    return varlen_attention_reference(q, k, v, layout)
+        return varlen_attention_efficient(q, k, v, offsets)
+    return varlen_attention_reference(q, k, v, offsets)
 
 
-def packed_attention_residual(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
+def packed_attention_residual(block: nn.Module, x: Tensor, offsets: SequenceOffsets) -> Tensor:
     """``x + attn(norm1(x))`` of a timm ViT ``Block`` on packed tokens ``[total, C]``: the block's own parts around
     the variable-length kernel (inference: no attention dropout)."""
     attn = block.attn
     total = x.shape[0]
     q, k, v = attn.qkv(block.norm1(x)).view(total, 3, attn.num_heads, attn.head_dim).unbind(1)
-    out = varlen_attention(attn.q_norm(q), attn.k_norm(k), v, layout).reshape(total, -1)
+    out = varlen_attention(attn.q_norm(q), attn.k_norm(k), v, offsets).reshape(total, -1)
     out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
     return x + block.drop_path1(block.ls1(out))
 
@@ -152,7 +160,7 @@ if triton is not None:
                      acc.to(out.dtype.element_ty), mask=rows[:, None] < length)
 
 
-def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, offsets: SequenceOffsets) -> Tensor:
     """The Triton kernel above on ``[total, H, D]`` views (any token/head strides, unit stride along D)."""
     if triton is None:
         raise RuntimeError("varlen_attention_triton needs triton")
@@ -162,8 +170,8 @@ def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
                          f"shape {tuple(q.shape)} strides {q.stride()}")
     out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
     block_m, block_n, warps, stages = _TRITON_TILE
-    grid = (triton.cdiv(layout.max_seqlen, block_m), layout.cu_seqlens.shape[0] - 1, heads)
-    _varlen_attention_kernel[grid](q, k, v, out, layout.cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
+    grid = (triton.cdiv(offsets.max_seqlen, block_m), offsets.batch, heads)
+    _varlen_attention_kernel[grid](q, k, v, out, offsets.cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
                                    k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
                                    dim ** -0.5 * 1.4426950408889634, DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
                                    num_warps=warps, num_stages=stages)

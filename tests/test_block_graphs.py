@@ -1,0 +1,136 @@
+"""CUDA graphs of merge-free block runs: buckets, static buffers and replays give the eager outputs."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from algm_d2 import ALGMConfig, apply_algm
+from algm_d2.merge import OFF, FixedLevel
+from algm_d2.modeling.backbone.block_graphs import bucket_rows, bucket_seqlen
+
+PER_IMAGE = ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
+                       batch_policy="per_image")
+SETTINGS = {
+    "per_image": PER_IMAGE,  # packed runs (bucketed)
+    "batch_min": ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
+                            batch_policy="min"),  # dense runs, counts vary per batch
+    "fixed": ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.3),
+                        global_threshold=FixedLevel(fraction=0.2)),
+    "plain": OFF,  # one run of all blocks
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10**6))
+def test_row_buckets_cover_the_total_with_little_waste(total):
+    rows = bucket_rows(total)
+    assert total <= rows <= max(total + 15, total * 65 // 64 + 1)
+    assert bucket_rows(rows) == rows  # a bucket is its own bucket: totals inside it share one graph
+    assert bucket_seqlen(total) >= total and bucket_seqlen(total) % 128 == 0
+
+
+def tiny_model(algm: ALGMConfig):
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, embed_dim=48,
+                            depth=6, num_heads=3)
+    return apply_algm(vit, algm).eval()
+
+
+def image_batches(count: int, batch: int = 4):
+    """Batches whose images merge differently (flat ones merge more), so token counts vary within and across them."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(count * batch, 3, 64, 64, generator=generator)
+    flat = images[::3].mean(dim=(2, 3), keepdim=True)
+    images[::3] = flat + 0.05 * images[::3]
+    return list(images.split(batch))
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_block_runs_through_static_buffers_equal_eager(name):
+    """The graph path without capture (CPU): inputs copied into bucket-sized static buffers, tail rows of earlier,
+    larger batches left in place, outputs read back: the tokens and counts of the eager run, batch after batch."""
+    model = tiny_model(SETTINGS[name])
+    batches = image_batches(5)
+    with torch.no_grad():
+        expected = [model(images) for images in batches]
+        model.use_cuda_graphs(True, capture=False)
+        got = [model(images) for images in batches]
+    kinds = {key[0] for key in model.block_graphs._graphs}
+    assert kinds == ({"packed"} if name == "per_image" else {"dense"})
+    # dense runs: the same ops on the same shapes, bit for bit; packed buckets have more rows (another GEMM blocking)
+    # and pad attention to a longer sequence
+    tolerance = 1e-5 if name == "per_image" else 0.0
+    for (tokens, state), (ref_tokens, ref_state) in zip(got, expected):
+        torch.testing.assert_close(tokens, ref_tokens, rtol=tolerance, atol=tolerance)
+        assert state.tokens_per_layer() == ref_state.tokens_per_layer()
+    if name == "per_image":  # some batch really ran with a padded tail
+        totals = [state.total_tokens for _, state in got]
+        assert any(bucket_rows(t) != t for t in totals) and len(set(totals)) > 1
+
+
+def test_least_recently_used_graphs_are_dropped():
+    model = tiny_model(SETTINGS["batch_min"])
+    batches = image_batches(4)
+    with torch.no_grad():
+        expected = [model(images)[0] for images in batches]
+        model.use_cuda_graphs(True, max_graphs=1, capture=False)
+        got = [model(images)[0] for images in batches]
+    assert len(model.block_graphs) == 1
+    for tokens, ref_tokens in zip(got, expected):
+        torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=0)
+
+
+def test_tokens_left_by_a_graph_run_survive_the_next_replay():
+    """run_blocks hands out its own tensor, not the graph's buffer that the next batch of the same shape reuses."""
+    model = tiny_model(SETTINGS["fixed"])
+    model.use_cuda_graphs(True, capture=False)
+    first, second = image_batches(2)
+    with torch.no_grad():
+        stream = model.start(*model.embed(first)[:2])
+        model.run_blocks(stream, 0, model.depth)
+        kept = stream.x.clone()
+        model.run_blocks(model.start(*model.embed(second)[:2]), 0, model.depth)
+    assert len(model.block_graphs) == 2  # both batches replayed the same two runs
+    torch.testing.assert_close(stream.x, kept, rtol=0, atol=0)
+
+
+def test_graphs_stay_out_of_training_and_autograd():
+    model = tiny_model(PER_IMAGE)
+    model.use_cuda_graphs(True, capture=False)
+    images = image_batches(1)[0]
+    model(images)  # grad enabled
+    model.train()
+    with torch.no_grad():
+        model(images)
+    assert len(model.block_graphs) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_cuda_graph_replays_equal_eager_on_cuda(name, precision):
+    """Captured and replayed on the GPU (each batch in its own autocast context, as an evaluation loop runs it)."""
+    model = tiny_model(SETTINGS[name]).cuda()
+    batches = [b.cuda() for b in image_batches(6)]
+
+    def run_all():
+        outputs = []
+        for images in batches:
+            with torch.no_grad(), torch.autocast("cuda", dtype=precision, enabled=precision != torch.float32):
+                tokens, state = model(images)
+            outputs.append((tokens.float(), state.tokens_per_layer()))
+        return outputs
+
+    expected = run_all()
+    model.use_cuda_graphs(True)
+    first, again = run_all(), run_all()  # captures, then replays only
+    captures = model.block_graphs.captures
+    assert captures > 0 and run_all() and model.block_graphs.captures == captures
+    for got in (first, again):
+        for (tokens, counts), (ref_tokens, ref_counts) in zip(got, expected):
+            assert counts == ref_counts
+            tolerance = 2e-2 if precision == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(tokens, ref_tokens, rtol=tolerance, atol=tolerance)
