@@ -59,7 +59,7 @@ def test_block_runs_through_static_buffers_equal_eager(name):
         model.use_cuda_graphs(True, capture=False)
         got = [model(images) for images in batches]
     kinds = {key[0] for key in model.block_graphs._graphs}
-    assert kinds == ({"packed"} if name == "per_image" else {"dense"})
+    assert kinds == ({"packed_from_padded"} if name == "per_image" else {"dense"})
     # dense runs: the same ops on the same shapes, bit for bit; packed buckets have more rows (another GEMM blocking)
     # and pad attention to a longer sequence
     tolerance = 1e-5 if name == "per_image" else 0.0
@@ -69,6 +69,29 @@ def test_block_runs_through_static_buffers_equal_eager(name):
     if name == "per_image":  # some batch really ran with a padded tail
         totals = [state.total_tokens for _, state in got]
         assert any(bucket_rows(t) != t for t in totals) and len(set(totals)) > 1
+
+
+@pytest.mark.parametrize("name", ["per_image", "fixed"])
+def test_block_ranges_split_between_calls_equal_eager(name):
+    """Adapters run the blocks in ranges: a range that starts after a merge replays the packed tokens as they are."""
+    model = tiny_model(SETTINGS[name])
+
+    def run(images):
+        x, grid, _ = model.embed(images)
+        stream = model.start(x, grid)
+        for start, stop in ((0, 4), (4, 5), (5, 6)):
+            model.run_blocks(stream, start, stop)
+        return stream.x, stream.state.tokens_per_layer()
+
+    with torch.no_grad():
+        expected = [run(images) for images in image_batches(3)]
+        model.use_cuda_graphs(True, capture=False)
+        got = [run(images) for images in image_batches(3)]
+    kinds = {key[0] for key in model.block_graphs._graphs}
+    assert kinds == ({"packed_from_padded", "packed"} if name == "per_image" else {"dense"})
+    for (tokens, counts), (ref_tokens, ref_counts) in zip(got, expected):
+        assert counts == ref_counts
+        torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)
 
 
 def test_least_recently_used_graphs_are_dropped():

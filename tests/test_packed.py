@@ -129,9 +129,11 @@ _INTERPRETED_LAYOUT = textwrap.dedent("""
         [random.randint(0, 1100) for _ in range(random.choice([2, 31, 33]))] for _ in range(4)]
     for counts in cases:
         seq_len, total = max(counts) + 2, sum(counts)
-        expected, built = (f(torch.tensor(counts), seq_len, total) for f in (layout_torch, layout_triton))
-        assert built[0].dtype == torch.int32 and built[1].dtype == torch.long
-        assert torch.equal(built[0], expected[0]) and torch.equal(built[1], expected[1]), counts
+        for rows, zero_tail in ((total, False), (total + 37, True)):
+            expected, built = (f(torch.tensor(counts), seq_len, rows, zero_tail) for f in (layout_torch, layout_triton))
+            assert built[0].dtype == torch.int32 and built[1].dtype == torch.long
+            assert torch.equal(built[0], expected[0]) and torch.equal(built[1], expected[1]), counts
+            assert built[1].shape == (rows,) and not built[1][total:].any()
     print("ok")
 """)
 

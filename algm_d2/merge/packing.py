@@ -67,10 +67,8 @@ class PackedLayout(SequenceOffsets):
 
     @classmethod
     def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
-        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int).
-        On CUDA one Triton launch builds it (the eager per-image path is bound by the host's launches)."""
-        build = layout_triton if counts.is_cuda and triton is not None else layout_torch
-        cu_seqlens, pack_index = build(counts, seq_len, total)
+        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int)."""
+        cu_seqlens, pack_index = build_layout(counts, seq_len, total)
         return cls(cu_seqlens, seq_len, total, pack_index)
 
     def pack(self, x: Tensor) -> Tensor:
@@ -83,20 +81,32 @@ class PackedLayout(SequenceOffsets):
         return padded.index_copy_(0, self.pack_index, packed).view(self.batch, self.max_seqlen, packed.shape[-1])
 
 
-def layout_torch(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, Tensor]:
-    """``cu_seqlens`` and ``pack_index`` of :meth:`PackedLayout.from_counts` with torch ops."""
+def build_layout(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
+    """``cu_seqlens`` ``[B + 1]`` and ``pack_index`` ``[rows]`` of images whose ``counts[b]`` valid tokens lead rows
+    of ``seq_len``. ``rows`` is their total, or with ``zero_tail`` any bound of it (a CUDA-graph bucket, where the
+    host does not know the total): the entries past the total then point at row 0. On CUDA one Triton launch builds
+    it (the eager per-image path is bound by the host's launches)."""
+    build = layout_triton if counts.is_cuda and triton is not None else layout_torch
+    return build(counts, seq_len, rows, zero_tail)
+
+
+def layout_torch(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`build_layout` with torch ops."""
     starts = torch.cumsum(counts, 0) - counts
     cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
-    rows = torch.arange(total, device=counts.device)
-    image = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
-    return cu_seqlens, image * seq_len + rows - starts[image]
+    row = torch.arange(rows, device=counts.device)
+    image = torch.searchsorted(cu_seqlens[1:].long(), row, right=True)
+    if not zero_tail:
+        return cu_seqlens, image * seq_len + row - starts[image]
+    owner = image.clamp(max=counts.shape[0] - 1)
+    return cu_seqlens, torch.where(image < counts.shape[0], owner * seq_len + row - starts[owner], 0)
 
 
-def layout_triton(counts: Tensor, seq_len: int, total: int) -> Tuple[Tensor, Tensor]:
-    """``cu_seqlens`` and ``pack_index`` of :meth:`PackedLayout.from_counts` from one Triton launch (not ~10 kernels)."""
+def layout_triton(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`build_layout` from one Triton launch (not ~10 kernels)."""
     batch = counts.shape[0]
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=counts.device)
-    pack_index = torch.empty(total, dtype=torch.long, device=counts.device)
+    pack_index = (torch.zeros if zero_tail else torch.empty)(rows, dtype=torch.long, device=counts.device)
     _layout_kernel[(batch,)](counts.long().contiguous(), cu_seqlens, pack_index, batch, seq_len,
                              BLOCK_B=triton.next_power_of_2(batch), BLOCK_ROWS=1024)
     return cu_seqlens, pack_index

@@ -202,8 +202,8 @@ class ALGMViT(nn.Module):
         Adapters interleave their own steps between block ranges; the stream carries the merged tokens, the state and
         the attention inputs derived from it (key bias, RoPE at mean positions) across calls. A padded per-image batch
         runs packed (valid tokens only, variable-length attention) where :meth:`_packs` allows; the tokens stay packed
-        from block to block and are unpacked for a merge or at the end. With CUDA graphs on, each run of blocks
-        without a merge replays as one graph (:mod:`.block_graphs`).
+        from block to block and are unpacked for a merge or at the end. With CUDA graphs on, the MLP half of a
+        merging block and the blocks without a merge after it replay as one graph (:mod:`.block_graphs`).
         """
         packed: Optional[Tensor] = None
         borrowed = False  # stream.x is a graph's buffer (the next replay overwrites it)
@@ -211,33 +211,21 @@ class ALGMViT(nn.Module):
         while index < end:
             packs = self._packs(stream, index, observer)
             stop = self._graph_run_end(stream, index, end, observer, packs)
-            if stop == index:
-                packed = self._run_block(stream, index, packed, packs, observer)
-                borrowed = False
-                index += 1
-                continue
-            if packs:
-                packed = stream.layout.pack(stream.x) if packed is None else packed
-                packed = self.block_graphs.packed((index, stop), self._packed_blocks(index, stop), packed,
-                                                  stream.layout)
+            if stop > index:  # a run of blocks without a merge (the plain model: all of them)
+                packed, borrowed = self._replay_run(stream, None, None, index, stop, packed, packs)
+                index = stop
             else:
-                if packed is not None:
-                    stream.x, packed = stream.layout.unpack(packed), None
-                stream.x = self.block_graphs.dense((index, stop), self._dense_blocks(index, stop), stream.x,
-                                                   stream.key_bias(stream.x), stream.rope)
-                borrowed = True
-            for _ in range(index, stop):
-                stream.state.record_layer()
-            index = stop
+                packed, index, borrowed = self._run_block(stream, index, end, packed, packs, observer)
         if packed is not None:
             stream.x = stream.layout.unpack(packed)
         elif borrowed:
             stream.x = stream.x.clone()
 
-    def _run_block(self, stream: "TokenStream", index: int, packed: Optional[Tensor], packs: bool,
-                   observer: Optional[Observer]) -> Optional[Tensor]:
+    def _run_block(self, stream: "TokenStream", index: int, end: int, packed: Optional[Tensor], packs: bool,
+                   observer: Optional[Observer]) -> Tuple[Optional[Tensor], int, bool]:
         """Block ``index`` (and its merge, if any) on ``stream``; ``packed``: the tokens while they stay packed.
-        Returns the packed tokens after the block, or None when they are in ``stream.x``."""
+        With graphs on, a merging block's MLP half replays with the merge-free blocks after it. Returns the packed
+        tokens after it (None when they are in ``stream.x``), the next block and whether ``stream.x`` is a graph's."""
         layer = index + 1
         if packs:
             layout = stream.layout
@@ -246,7 +234,7 @@ class ALGMViT(nn.Module):
             if not stream.algm.merges_at(layer):
                 packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
                 stream.state.record_layer()
-                return packed
+                return packed, index + 1, False
             x = layout.unpack(packed)
         else:
             if packed is not None:  # a block that cannot run packed follows one that did
@@ -259,34 +247,69 @@ class ALGMViT(nn.Module):
         x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
         if stream.state is not previous:
             stream.refresh_attention_inputs(x, self.num_prefix_tokens)
+        packs = self._packs(stream, index, observer)  # the merged per-image batch: its MLP on valid tokens only
+        if self._graphs_on(stream, x, observer):
+            stop = self._graph_run_end(stream, index + 1, end, observer, packs)
+            packed, borrowed = self._replay_run(stream, x, index, index + 1, stop, None, packs)
+            return packed, stop, borrowed
         packed = None
-        if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
+        if packs:
             packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
         else:
             stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
         stream.state.record_layer()
-        return packed
+        return packed, index + 1, False
+
+    def _graphs_on(self, stream: "TokenStream", x: Tensor, observer: Optional[Observer]) -> bool:
+        return (self.block_graphs is not None and observer is None and not self.training
+                and self.block_graphs.usable(x))
 
     def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
                        packs: bool) -> int:
-        """The end of the run of blocks from ``index`` that replays as one CUDA graph (``index`` itself: none):
-        blocks without a merge that all run packed or all run dense, in graph-capable inference."""
-        if self.block_graphs is None or observer is not None or self.training or not self.block_graphs.usable(stream.x):
+        """The end of the run of blocks from ``index`` without a merge that all run packed or all run dense, in
+        graph-capable inference (``index`` itself: none)."""
+        if not self._graphs_on(stream, stream.x, observer):
             return index
         stop = index
         while stop < end and not stream.algm.merges_at(stop + 1) and self._packs(stream, stop, observer) == packs:
             stop += 1
         return stop
 
-    def _packed_blocks(self, start: int, stop: int) -> Callable[[Tensor, SequenceOffsets], Tensor]:
+    def _replay_run(self, stream: "TokenStream", merged: Optional[Tensor], head: Optional[int], start: int,
+                    stop: int, packed: Optional[Tensor], packs: bool) -> Tuple[Optional[Tensor], bool]:
+        """Replay the MLP half of block ``head`` on the ``merged`` tokens (if given) and blocks ``start..stop-1`` as
+        one graph. Returns (packed tokens or None, whether ``stream.x`` is the graph's buffer)."""
+        graphs, key = self.block_graphs, (head, start, stop)
+        for _ in range(start - (head is not None), stop):
+            stream.state.record_layer()
+        if packs:
+            run = self._packed_run(head, start, stop)
+            if merged is not None:
+                state = stream.state
+                return graphs.packed_from_padded(key, run, merged, state.num_tokens, state.total_tokens), False
+            packed = stream.layout.pack(stream.x) if packed is None else packed
+            return graphs.packed(key, run, packed, stream.layout), False
+        if merged is None and packed is not None:
+            stream.x = stream.layout.unpack(packed)
+        x = stream.x if merged is None else merged
+        stream.x = graphs.dense(key, self._dense_run(head, start, stop), x, stream.key_bias(x), stream.rope)
+        return None, True
+
+    def _packed_run(self, head: Optional[int], start: int, stop: int
+                    ) -> Callable[[Tensor, SequenceOffsets], Tensor]:
         def run(x: Tensor, offsets: SequenceOffsets) -> Tensor:
+            if head is not None:
+                x = self._mlp_residual(head, x)
             for index in range(start, stop):
                 x = self._mlp_residual(index, self._packed_attention_residual(index, x, offsets))
             return x
         return run
 
-    def _dense_blocks(self, start: int, stop: int) -> Callable[[Tensor, Optional[Tensor], Optional[Tensor]], Tensor]:
+    def _dense_run(self, head: Optional[int], start: int, stop: int
+                   ) -> Callable[[Tensor, Optional[Tensor], Optional[Tensor]], Tensor]:
         def run(x: Tensor, bias: Optional[Tensor], rope: Optional[Tensor]) -> Tensor:
+            if head is not None:
+                x = self._mlp_residual(head, x)
             for index in range(start, stop):
                 x = self._mlp_residual(index, self._attention_residual(index, x, bias, rope))
             return x
@@ -297,7 +320,7 @@ class ALGMViT(nn.Module):
         (EVA's RoPE/fused-bias attention and gated attention stay padded), no key bias (proportional attention needs
         one, flash varlen has none) and no observer (it reads the padded batch)."""
         block = self.blocks[index]
-        return (self.packed_attention and stream.layout is not None and not self.training and observer is None
+        return (self.packed_attention and stream.packable and not self.training and observer is None
                 and not stream.algm.prop_attn and self.kinds[index] == "vit"
                 and getattr(block.attn, "gate", None) is None)
 
@@ -328,7 +351,8 @@ class TokenStream:
         bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged; read it
             through :meth:`key_bias` (built on first use after a merge: packed blocks need none).
         grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
-        layout: where the valid tokens of a padded per-image batch sit when packed, else None.
+        packable: a padded per-image batch whose total is known on the host: its valid tokens can run packed, at
+            the places :attr:`layout` gives (built on first use: a block graph builds its own).
     """
 
     x: Tensor
@@ -338,8 +362,9 @@ class TokenStream:
     grid_rope: Optional[Tensor] = None
     rope: Optional[Tensor] = None
     phases: Optional[RotaryPhases] = None
-    layout: Optional[PackedLayout] = None
     bias_stale: bool = False
+    packable: bool = False
+    packed_layout: Optional[PackedLayout] = None
 
     def key_bias(self, x: Tensor) -> Optional[Tensor]:
         """The key bias for padded attention on ``x`` (the current tokens), built once per merge."""
@@ -347,12 +372,19 @@ class TokenStream:
             self.bias, self.bias_stale = self.state.attention_bias(self.algm.prop_attn, attention_dtype(x)), False
         return self.bias
 
+    @property
+    def layout(self) -> Optional[PackedLayout]:
+        """Where the valid tokens of a packable batch sit when packed (None otherwise), built once per merge."""
+        if self.packable and self.packed_layout is None:
+            self.packed_layout = PackedLayout.from_state(self.state)
+        return self.packed_layout
+
     def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
-        """Refresh what attention needs after a merge (``x``: the merged tokens): the RoPE at mean positions, the
-        packed layout and, on first use, the key bias."""
+        """Refresh what attention needs after a merge (``x``: the merged tokens): the RoPE at mean positions and,
+        on first use, the packed layout and the key bias."""
         self.bias, self.bias_stale = None, True
-        padded = self.state.padded and self.state.total_tokens is not None
-        self.layout = PackedLayout.from_state(self.state) if padded else None
+        self.packable = self.state.padded and self.state.total_tokens is not None
+        self.packed_layout = None
         if self.grid_rope is not None:
             self.phases = self.phases or RotaryPhases(self.grid_rope, self.state.grid_size)
             self.rope = self.phases.embed(self.state.positions[:, num_prefix:])[:, None]

@@ -1,21 +1,23 @@
-"""CUDA graphs of the backbone's merge-free runs of blocks (inference).
+"""CUDA graphs of the backbone's runs of blocks between merges (inference).
 
 In eager mode a small ViT on a GPU is bound by the host: an H100 runs a Seg-S block on 32 images faster than Python
-issues its ~15 kernels, and ALGM's per-image batches, with their packed layouts, issue a few more. A run of blocks
-without a merge has no host sync and, for one input shape, a fixed sequence of kernels, so it is captured once and
-replayed: one launch for the whole run. Thresholds make the token counts vary from batch to batch, so
+issues its ~15 kernels. Under thresholds the host also waits at each merge's sync until the GPU has drained its
+queue, and every kernel it issues after that is on the critical path. The MLP half of a merging block and the blocks
+without a merge after it have no host sync and, for one input shape, a fixed sequence of kernels, so they are
+captured once and replayed: one launch for the run. Token counts vary from batch to batch, so
 
-- packed runs (a per-image batch: ``[total, C]`` + offsets) are bucketed: the total is rounded up to 1/64 of its
-  power of two (≤ 1.6% extra rows, 64 buckets per doubling) and the longest image to a multiple of 128 (it only sizes
-  the attention grid). The rows past the real total belong to no image: attention never reads them and every other
-  op works row by row, so they are computed and dropped.
+- packed runs (a per-image batch) are bucketed: the total is rounded up to 1/64 of its power of two (≤ 1.6% extra
+  rows, 64 buckets per doubling) and the longest image to a multiple of 128 (it only sizes the attention grid and the
+  padded input). The rows past the real total belong to no image: attention never reads them and every other op
+  works row by row, so they are computed and dropped. After a merge the graph also builds the packed layout and packs
+  the padded batch, so the host issues neither.
 - dense runs (every image with the same count: the plain model, fixed levels, batch-level policies) are keyed by
   their exact shapes.
 
-Each key owns a graph and its static input, which also receives the output (a replay overwrites it); all graphs
-share one memory pool for their intermediates (they replay one at a time on one stream). At most ``max_graphs``
-are kept, least recently used first out. Capture runs with autocast's weight cache off: a cached cast would be
-freed when the caller's autocast context ends, and later replays would read freed memory.
+Each key owns a graph, its static inputs and its output (each replay overwrites it); all graphs share one memory
+pool for their intermediates (they replay one at a time on one stream). At most ``max_graphs`` are kept, least
+recently used first out. Capture runs with autocast's weight cache off: a cached cast would be freed when the
+caller's autocast context ends, and later replays would read freed memory.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Callable, Hashable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...merge.packing import SequenceOffsets
+from ...merge.packing import SequenceOffsets, build_layout
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def bucket_seqlen(max_seqlen: int) -> int:
 @dataclass
 class _Captured:
     graph: Optional["torch.cuda.CUDAGraph"]
-    inputs: Tuple[Tensor, ...]  # static inputs; inputs[0] also receives the output
+    inputs: Tuple[Tensor, ...]  # static inputs, copied into before each replay
+    output: Optional[Tensor]  # written by each replay
 
 
 class BlockGraphs:
@@ -84,20 +87,35 @@ class BlockGraphs:
     def packed(self, key: Hashable, run: Callable[[Tensor, SequenceOffsets], Tensor], x: Tensor,
                offsets: SequenceOffsets) -> Tensor:
         """``run(x, offsets)`` on packed rows ``x`` ``[total, C]`` through the graph of the bucket of (total, longest
-        image); returns ``[total, C]``, a view of the graph's buffer (valid until its next replay)."""
-        rows, seq_len = bucket_rows(x.shape[0]), bucket_seqlen(offsets.max_seqlen)
+        image); returns ``[total, C]``, a view of the graph's output (valid until its next replay)."""
+        total = x.shape[0]
+        rows, seq_len = bucket_rows(total), bucket_seqlen(offsets.max_seqlen)
 
         def static_run(x_static: Tensor, cu_static: Tensor) -> Tensor:
             return run(x_static, SequenceOffsets(cu_static, seq_len))
 
+        inputs = (x, offsets.cu_seqlens)
         shapes = ((rows,) + tuple(x.shape[1:]), tuple(offsets.cu_seqlens.shape))
-        out = self._replay(("packed", key, seq_len) + self._signature((x, offsets.cu_seqlens), shapes), static_run,
-                           (x, offsets.cu_seqlens), shapes)
-        return out[: x.shape[0]]
+        return self._replay(("packed", key, seq_len), static_run, inputs, shapes)[:total]
+
+    def packed_from_padded(self, key: Hashable, run: Callable[[Tensor, SequenceOffsets], Tensor], x: Tensor,
+                           counts: Tensor, total: int) -> Tensor:
+        """Pack the padded batch ``x`` ``[B, T, C]`` (image b: ``counts[b]`` valid tokens first, ``total`` in all)
+        and apply ``run(packed, offsets)``, all in the graph of the bucket of (total, T): the packed layout is built
+        on the GPU, so the host issues no layout kernels. Returns ``[total, C]`` (valid until the next replay)."""
+        batch, seq_len, channels = x.shape
+        rows, padded_len = bucket_rows(total), bucket_seqlen(seq_len)
+
+        def static_run(x_static: Tensor, counts_static: Tensor) -> Tensor:
+            cu_seqlens, pack_index = build_layout(counts_static, padded_len, rows, zero_tail=True)
+            return run(x_static.flatten(0, 1).index_select(0, pack_index), SequenceOffsets(cu_seqlens, padded_len))
+
+        shapes = ((batch, padded_len, channels), tuple(counts.shape))
+        return self._replay(("packed_from_padded", key, rows), static_run, (x, counts), shapes)[:total]
 
     def dense(self, key: Hashable, run: Callable[..., Tensor], x: Tensor, *extras: Optional[Tensor]) -> Tensor:
-        """``run(x, *extras)`` (``None`` extras stay None) through the graph of these exact shapes; returns a view of
-        the graph's buffer (valid until its next replay)."""
+        """``run(x, *extras)`` (``None`` extras stay None) through the graph of these exact shapes; returns the
+        graph's output (valid until its next replay)."""
         present = [i for i, t in enumerate(extras) if t is not None]
 
         def static_run(x_static: Tensor, *given: Tensor) -> Tensor:
@@ -107,31 +125,27 @@ class BlockGraphs:
             return run(x_static, *full)
 
         inputs = (x,) + tuple(extras[i] for i in present)
-        shapes = tuple(tuple(t.shape) for t in inputs)
-        return self._replay(("dense", key, tuple(present)) + self._signature(inputs, shapes), static_run, inputs,
-                            shapes)
-
-    @staticmethod
-    def _signature(inputs: Sequence[Tensor], shapes: Sequence[Tuple[int, ...]]) -> Tuple:
-        device = inputs[0].device
-        autocast = torch.is_autocast_enabled(device.type)
-        return (str(device), tuple(shapes), tuple(t.dtype for t in inputs), autocast,
-                torch.get_autocast_dtype(device.type) if autocast else None, torch.is_inference_mode_enabled())
+        return self._replay(("dense", key, tuple(present)), static_run, inputs, [tuple(t.shape) for t in inputs])
 
     def _replay(self, key: Hashable, run: Callable[..., Tensor], inputs: Sequence[Tensor],
                 shapes: Sequence[Tuple[int, ...]]) -> Tensor:
+        device = inputs[0].device
+        autocast = torch.is_autocast_enabled(device.type)
+        key = key + (str(device), tuple(shapes), tuple(t.dtype for t in inputs), autocast,
+                     torch.get_autocast_dtype(device.type) if autocast else None, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         fresh = entry is None
         if fresh:
             # zeros: a bucket's tail rows stay finite (they are computed, never read)
             entry = _Captured(None, tuple(torch.zeros(s, dtype=t.dtype, device=t.device)
-                                          for s, t in zip(shapes, inputs)))
+                                          for s, t in zip(shapes, inputs)), None)
         for static, given in zip(entry.inputs, inputs):
             static[tuple(slice(0, n) for n in given.shape)].copy_(given)
         if not self.capture:
-            entry.inputs[0].copy_(run(*entry.inputs))
+            out = run(*entry.inputs)
+            entry.output = out if entry.output is None else entry.output.copy_(out)
         elif fresh:
-            entry.graph = self._capture(run, entry.inputs)
+            entry.graph, entry.output = self._capture(run, entry.inputs)
         if entry.graph is not None:
             entry.graph.replay()
         if fresh:
@@ -139,9 +153,10 @@ class BlockGraphs:
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
-        return entry.inputs[0]
+        return entry.output
 
-    def _capture(self, run: Callable[..., Tensor], inputs: Tuple[Tensor, ...]) -> "torch.cuda.CUDAGraph":
+    def _capture(self, run: Callable[..., Tensor], inputs: Tuple[Tensor, ...]
+                 ) -> Tuple["torch.cuda.CUDAGraph", Tensor]:
         device = inputs[0].device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -155,8 +170,8 @@ class BlockGraphs:
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                inputs[0].copy_(run(*inputs))
+                output = run(*inputs)
         self.captures += 1
         logger.debug("captured block graph %d (%d kept): inputs %s", self.captures, len(self._graphs) + 1,
                      [tuple(t.shape) for t in inputs])
-        return graph
+        return graph, output
