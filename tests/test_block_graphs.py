@@ -120,6 +120,20 @@ def test_tokens_left_by_a_graph_run_survive_the_next_replay():
     torch.testing.assert_close(stream.x, kept, rtol=0, atol=0)
 
 
+def test_moving_the_model_drops_its_graphs():
+    """.to() / .half() may move the parameters: graphs captured on the old storage must not replay."""
+    model = tiny_model(SETTINGS["fixed"])
+    model.use_cuda_graphs(True, capture=False)
+    images = image_batches(1)[0]
+    with torch.no_grad():
+        model(images)
+        assert len(model.block_graphs) > 0
+        model.to(torch.float64)
+        assert len(model.block_graphs) == 0
+        tokens, _ = model(images.double())
+    assert tokens.dtype == torch.float64
+
+
 def test_graphs_stay_out_of_training_and_autograd():
     model = tiny_model(PER_IMAGE)
     model.use_cuda_graphs(True, capture=False)

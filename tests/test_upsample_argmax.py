@@ -158,6 +158,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         cases.append((smooth(1, 20, 2, 3).to(dtype).contiguous(memory_format=torch.channels_last), (32, 24), True))
         cases.append((torch.randn(2, 5, 2, 3).to(dtype), (16, 48), True))
         cases.append((smooth(2, 20, 4, 5).to(dtype).contiguous(memory_format=torch.channels_last), (12, 17), True))
+    # float16: the rounding step of the one-kernel path's tie margin
+    cases.append((near_ties(12, 6, 6, torch.float16), (48, 48), False))
+    cases.append((near_ties(16, 2, 3, torch.float16).contiguous(memory_format=torch.channels_last), (16, 24), False))
     for dtype in (torch.float32, torch.bfloat16):
         for k, h, w, height, width in [(16, 3, 4, 10, 9), (2, 9, 9, 23, 20)]:
             cases.append((near_ties(k, h, w, dtype), (height, width), False))

@@ -76,7 +76,8 @@ def _model(cfg: CN) -> None:
     # Recompute block activations in the backward pass (saves memory).
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
     # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph (shapes bucketed); for small,
-    # host-bound models. Costs GPU memory per captured shape (at most 64 graphs).
+    # host-bound models. Costs GPU memory per captured shape (at most 64 graphs). Eval only (training runs eagerly);
+    # not with parameters that move between calls (DeepSpeed ZeRO-3 partitioning).
     cfg.MODEL.BACKBONE.CUDA_GRAPHS = False
 
     cfg.MODEL.SEM_SEG_HEAD = CN()

@@ -131,6 +131,12 @@ class ALGMViT(nn.Module):
         """Turn the block-run CUDA graphs on (a fresh, empty cache) or off (frees them)."""
         self.block_graphs = BlockGraphs(max_graphs=max_graphs, capture=capture) if enabled else None
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "ALGMViT":
+        # .to() / .half() / .cuda() may give the parameters new storage, which captured graphs would not see
+        if self.block_graphs is not None:
+            self.block_graphs.clear()
+        return super()._apply(fn, recurse)
+
     @property
     def depth(self) -> int:
         return len(self.blocks)

@@ -27,9 +27,10 @@ and, on CUDA, never materialises that tensor:
    evaluates them from the same four corners at every pixel, with the arithmetic of 2.: no workspace, no per-pixel
    gathers, one launch, each corner read by the four blocks around it instead of by every pixel. Here the
    candidates are pruned more tightly: the difference of two classes' values interpolates the differences of their
-   corners, so a class below the one with the largest lower bound at all four corners (by both margins) never wins
-   (the decode-tail tool's smooth logits: 2.4 candidates per block instead of 3.5); a block left with one
-   candidate writes it without interpolating.
+   corners, so a class below the one with the largest lower bound at all four corners (by the float32 margins)
+   never wins (the decode-tail tool's smooth logits: 2.4 candidates per block instead of 3.5); as rounding is
+   monotone, only classes before that reference, which win ties, need the margin of a bfloat16/float16 rounding
+   step. A block left with one candidate writes it without interpolating.
 
 PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
@@ -66,6 +67,9 @@ _CLASS_ALIGN = 64
 # 2^-21 of it; rounding to bfloat16 / float16 below 2^-8 / 2^-11. An absolute 2^-20 (9.5367431640625e-07 in
 # the kernel) covers subnormals.
 _MARGIN = {torch.float32: 2.0 ** -18, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}
+# The one-kernel path's margin for the rounding to bfloat16 / float16, applied only to classes before the reference:
+# a rounding step is at most 2^-7 / 2^-10 of the value (module docstring, 3.)
+_TIE = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 # Corners at or above this magnitude mark the cell as unbounded (all classes): keeps the margins finite and, for
 # float16, interpolated values below the dtype's overflow (a rounding to inf would create ties).
 _LARGE = {torch.float32: 2.0 ** 100, torch.bfloat16: 2.0 ** 100, torch.float16: 2.0 ** 14}
@@ -159,14 +163,20 @@ if triton is not None:
         return low, high, finite, slack
 
     @triton.jit
-    def _may_beat(image, v00, v01, v10, v11, slack, best_class, o00, o01, o10, o11, stride_k, MARGIN: tl.constexpr):
-        """Per class: whether it may reach ``best_class`` (one with the largest lower bound) anywhere in the cell.
-        The difference of two classes' values interpolates the differences of their corners, so a class below the
-        reference by more than both margins at all four corners is below it at every pixel; this prunes more than
-        comparing the upper bound with the best lower bound (corners of different pixels) and keeps the reference."""
+    def _may_beat(image, k, v00, v01, v10, v11, slack, best_class, o00, o01, o10, o11, stride_k,
+                  MARGIN: tl.constexpr, TIE: tl.constexpr):
+        """Per class ``k``: whether it may win against ``best_class`` (one with the largest lower bound) anywhere in
+        the cell. The difference of two classes' values interpolates the differences of their corners, so a class
+        below the reference at all four corners by more than the float32 margins (``slack`` is the class's) is below
+        it at every pixel; this prunes more than comparing the upper bound with the best lower bound (corners of
+        different pixels) and keeps the reference. Rounding the values to bfloat16/float16 is monotone, so it can
+        only tie: a later class that ties loses (argmax keeps the first maximum) and needs no more margin, an
+        earlier one wins a tie and needs the reference's rounding step on top (``TIE``: at most 2^-7 / 2^-10 of
+        its largest corner)."""
         r00, r01, r10, r11 = _corners(image, best_class * stride_k, o00, o01, o10, o11, True)
         large = tl.maximum(tl.maximum(tl.abs(r00), tl.abs(r01)), tl.maximum(tl.abs(r10), tl.abs(r11)))
-        reach = -(slack + (MARGIN * large + 9.5367431640625e-07))
+        reach = slack + (MARGIN * large + 9.5367431640625e-07)
+        reach = -tl.where(k < best_class, reach + TIE * large, reach)
         return (v00 - r00 >= reach) | (v01 - r01 >= reach) | (v10 - r10 >= reach) | (v11 - r11 >= reach)
 
     @triton.jit
@@ -291,7 +301,8 @@ if triton is not None:
 
     @triton.jit
     def _upsample_argmax_cells(logits, labels, K, h, w, H, W, stride_b, stride_k, stride_y, stride_x, scale_h,
-                               scale_w, MARGIN: tl.constexpr, LARGE: tl.constexpr, FACTOR_H: tl.constexpr,
+                               scale_w, MARGIN: tl.constexpr, TIE: tl.constexpr, LARGE: tl.constexpr,
+                               FACTOR_H: tl.constexpr,
                                FACTOR_W: tl.constexpr, CLASSES: tl.constexpr, ONE_TILE: tl.constexpr,
                                TOP_W1_FUSED: tl.constexpr, ROUNDING: tl.constexpr):
         # one program per block of output pixels that all interpolate source cell (cy, cx) (module docstring, 3.)
@@ -320,8 +331,8 @@ if triton is not None:
             low, high, finite, slack = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
             best_class = tl.argmax(tl.where(live, low, float("-inf")), axis=0)
             unbounded = tl.max((live & ~finite).to(tl.int32), axis=0)
-            keep = live & ((unbounded > 0) | _may_beat(image, v00, v01, v10, v11, slack, best_class, o00, o01, o10,
-                                                       o11, stride_k, MARGIN))
+            keep = live & ((unbounded > 0) | _may_beat(image, k, v00, v01, v10, v11, slack, best_class, o00, o01,
+                                                       o10, o11, stride_k, MARGIN, TIE))
             if tl.sum(keep.to(tl.int32), axis=0) == 1:
                 # the reference class is always kept; alone, it wins at every pixel of the block (every other class
                 # stays below it), so no value needs interpolating
@@ -348,8 +359,8 @@ if triton is not None:
                 live = k < K
                 v00, v01, v10, v11 = _corners(image, k * stride_k, o00, o01, o10, o11, live)
                 low, high, finite, slack = _class_bounds(v00, v01, v10, v11, MARGIN, LARGE)
-                keep = live & ((unbounded > 0) | _may_beat(image, v00, v01, v10, v11, slack, best_class, o00, o01,
-                                                           o10, o11, stride_k, MARGIN))
+                keep = live & ((unbounded > 0) | _may_beat(image, k, v00, v01, v10, v11, slack, best_class, o00,
+                                                           o01, o10, o11, stride_k, MARGIN, TIE))
                 best, best_k = _argmax_of_kept(image, k, keep, o00, o01, o10, o11, stride_k, ly0, ly1, lx0, lx1,
                                                best, best_k, TOP_W1_FUSED, ROUNDING)
         tl.store(labels + b * H * W + y * W + x, best_k.to(tl.int64), mask=ok)
@@ -464,7 +475,8 @@ def upsample_argmax_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
         classes = min(triton.next_power_of_2(k), _CELL_CLASSES)
         _upsample_argmax_cells[((h + 1) * (w + 1), b)](
             logits, labels, k, h, w, height, width, *strides, *_pytorch_scales(h, w, height, width),
-            MARGIN=_MARGIN[logits.dtype], LARGE=_LARGE[logits.dtype], FACTOR_H=factors[0], FACTOR_W=factors[1],
+            MARGIN=_MARGIN[torch.float32], TIE=_TIE[logits.dtype], LARGE=_LARGE[logits.dtype], FACTOR_H=factors[0],
+            FACTOR_W=factors[1],
             CLASSES=classes, ONE_TILE=k <= classes, TOP_W1_FUSED=_nhwc_top_row(logits), ROUNDING=_ROUNDING[logits.dtype],
             num_warps=max(1, min(8, factors[0] * factors[1] // _CELL_PIXELS_PER_WARP)))
         return labels
