@@ -254,7 +254,7 @@ class ALGMViT(nn.Module):
         if stream.state is not previous:
             stream.refresh_attention_inputs(x, self.num_prefix_tokens)
         packs = self._packs(stream, index, observer)  # the merged per-image batch: its MLP on valid tokens only
-        if self._graphs_on(stream, x, observer):
+        if self._graphs_on(x, observer):
             stop = self._graph_run_end(stream, index + 1, end, observer, packs)
             packed, borrowed = self._replay_run(stream, x, index, index + 1, stop, None, packs)
             return packed, stop, borrowed
@@ -266,7 +266,8 @@ class ALGMViT(nn.Module):
         stream.state.record_layer()
         return packed, index + 1, False
 
-    def _graphs_on(self, stream: "TokenStream", x: Tensor, observer: Optional[Observer]) -> bool:
+    def _graphs_on(self, x: Tensor, observer: Optional[Observer]) -> bool:
+        """Whether runs of blocks on ``x`` replay CUDA graphs (on, inference, no observer, see BlockGraphs.usable)."""
         return (self.block_graphs is not None and observer is None and not self.training
                 and self.block_graphs.usable(x))
 
@@ -274,7 +275,7 @@ class ALGMViT(nn.Module):
                        packs: bool) -> int:
         """The end of the run of blocks from ``index`` without a merge that all run packed or all run dense, in
         graph-capable inference (``index`` itself: none)."""
-        if not self._graphs_on(stream, stream.x, observer):
+        if not self._graphs_on(stream.x, observer):
             return index
         stop = index
         while stop < end and not stream.algm.merges_at(stop + 1) and self._packs(stream, stop, observer) == packs:

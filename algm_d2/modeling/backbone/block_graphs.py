@@ -44,6 +44,7 @@ def bucket_rows(total: int) -> int:
 
 
 def bucket_seqlen(max_seqlen: int) -> int:
+    """The longest image rounded up to a multiple of ``SEQLEN_STEP``: the padded length a packed graph is built for."""
     return -(-max_seqlen // SEQLEN_STEP) * SEQLEN_STEP
 
 
