@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
     parser.add_argument("--block-graphs", action="store_true",
                         help="the encoder replays its runs of blocks between merges as CUDA graphs (every setting)")
+    parser.add_argument("--graph-buckets", type=int, default=64,
+                        help="with --block-graphs: row buckets per doubling of a per-image batch's packed total "
+                             "(the protocols repeat their batches: fine buckets cost no captures here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv=None) -> None:  # noqa: ANN001
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
                            flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
                            compile_mode=args.compile, rounds=args.rounds, cuda_graphs=args.cuda_graphs,
-                           block_graphs=args.block_graphs)
+                           block_graphs=args.block_graphs, graph_buckets=args.graph_buckets)
     if args.mfu:
         report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)

@@ -82,12 +82,13 @@ class ALGMViT(nn.Module):
         packed_attention: run padded per-image batches on their valid tokens only, with variable-length attention
             (inference; see :meth:`_packs`); False keeps the padded batch with a key mask.
         cuda_graphs: in CUDA inference, replay each run of blocks between merges as a CUDA graph (see
-            :mod:`.block_graphs`; for host-bound small models).
+            :mod:`.block_graphs`; for host-bound small models); ``cuda_graph_buckets``: row buckets per doubling
+            of a packed total (:class:`BlockGraphs` ``buckets_per_octave``).
     """
 
     def __init__(self, *, vit: nn.Module, algm: ALGMConfig = OFF, pos_embed_interp: str = "bicubic",
                  activation_checkpointing: bool = False, packed_attention: bool = True,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, cuda_graph_buckets: int = 16) -> None:
         super().__init__()
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise TypeError(f"expected a timm VisionTransformer or Eva, got {type(vit).__name__}")
@@ -119,17 +120,20 @@ class ALGMViT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.packed_attention = packed_attention
         self.block_graphs: Optional[BlockGraphs] = None
-        self.use_cuda_graphs(cuda_graphs)
+        self.use_cuda_graphs(cuda_graphs, buckets_per_octave=cuda_graph_buckets)
 
     @classmethod
     def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
         node = cfg.MODEL.BACKBONE
         return cls(vit=build_timm_vit(cfg), algm=algm_config_from_cfg(cfg), pos_embed_interp=node.POS_EMBED_INTERP,
-                   activation_checkpointing=node.ACTIVATION_CHECKPOINTING, cuda_graphs=node.CUDA_GRAPHS)
+                   activation_checkpointing=node.ACTIVATION_CHECKPOINTING, cuda_graphs=node.CUDA_GRAPHS,
+                   cuda_graph_buckets=node.CUDA_GRAPH_BUCKETS)
 
-    def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 64, capture: bool = True) -> None:
-        """Turn the block-run CUDA graphs on (a fresh, empty cache) or off (frees them)."""
-        self.block_graphs = BlockGraphs(max_graphs=max_graphs, capture=capture) if enabled else None
+    def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 64, buckets_per_octave: int = 16,
+                        capture: bool = True) -> None:
+        """Turn the block-run CUDA graphs on (a fresh, empty :class:`BlockGraphs`) or off (frees them)."""
+        self.block_graphs = (BlockGraphs(max_graphs=max_graphs, buckets_per_octave=buckets_per_octave,
+                                         capture=capture) if enabled else None)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "ALGMViT":
         # .to() / .half() / .cuda() may give the parameters new storage, which captured graphs would not see

@@ -206,7 +206,7 @@ class ViTAdapter(ALGMViT):
         conv_inplane, deform_num_heads, n_points, deform_ratio, cffn_ratio, with_cffn, init_values,
         extra_extractor, add_vit_feature: ViT-Adapter's settings (EVA: 64, 16, 4, 0.5, 0.25, True, 0, True, True).
         msda_impl: deformable attention implementation ("auto", "reference", "triton").
-        algm, pos_embed_interp, activation_checkpointing, cuda_graphs: as :class:`ALGMViT`.
+        algm, pos_embed_interp, activation_checkpointing, cuda_graphs, cuda_graph_buckets: as :class:`ALGMViT`.
     """
 
     def __init__(self, *, vit: nn.Module, interaction_indexes: Sequence[Sequence[int]], conv_inplane: int = 64,
@@ -214,9 +214,10 @@ class ViTAdapter(ALGMViT):
                  with_cffn: bool = True, init_values: float = 0.0, extra_extractor: bool = True,
                  add_vit_feature: bool = True, msda_impl: str = "auto", algm: ALGMConfig = OFF,
                  pos_embed_interp: str = "bicubic", activation_checkpointing: bool = False,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, cuda_graph_buckets: int = 16) -> None:
         super().__init__(vit=vit, algm=algm, pos_embed_interp=pos_embed_interp,
-                         activation_checkpointing=activation_checkpointing, cuda_graphs=cuda_graphs)
+                         activation_checkpointing=activation_checkpointing, cuda_graphs=cuda_graphs,
+                         cuda_graph_buckets=cuda_graph_buckets)
         if self.num_prefix_tokens != 1 or self.cls_token is None:
             raise ValueError("ViTAdapter expects a ViT with exactly one class token and no register tokens")
         ranges = [tuple(int(i) for i in r) for r in interaction_indexes]
@@ -259,7 +260,8 @@ class ViTAdapter(ALGMViT):
                    init_values=node.INIT_VALUES, extra_extractor=node.EXTRA_EXTRACTOR,
                    add_vit_feature=node.ADD_VIT_FEATURE, msda_impl=cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL,
                    algm=algm_config_from_cfg(cfg), pos_embed_interp=backbone.POS_EMBED_INTERP,
-                   activation_checkpointing=backbone.ACTIVATION_CHECKPOINTING, cuda_graphs=backbone.CUDA_GRAPHS)
+                   activation_checkpointing=backbone.ACTIVATION_CHECKPOINTING, cuda_graphs=backbone.CUDA_GRAPHS,
+                   cuda_graph_buckets=backbone.CUDA_GRAPH_BUCKETS)
 
     @torch.no_grad()
     def _init_adapter_weights(self) -> None:
