@@ -80,7 +80,8 @@ def _model(cfg: CN) -> None:
     # not with parameters that move between calls (DeepSpeed ZeRO-3 partitioning).
     cfg.MODEL.BACKBONE.CUDA_GRAPHS = False
     # Row buckets per doubling of a per-image batch's packed token total (a power of two): more pad fewer rows but
-    # capture more graphs, each costing about two eager passes (16: 2.2% extra rows, 15 graphs for 63 random batches).
+    # capture more graphs, each an eager warm-up pass plus a capture (16: 2.2% extra rows, 15 graphs for 63 random
+    # batches).
     cfg.MODEL.BACKBONE.CUDA_GRAPH_BUCKETS = 16
 
     cfg.MODEL.SEM_SEG_HEAD = CN()

@@ -62,7 +62,7 @@ class BlockGraphs:
     Args:
         max_graphs: graphs kept at once (least recently used are dropped).
         buckets_per_octave: row buckets of packed runs per doubling of the total (a power of two): more buckets pad
-            fewer rows but capture more graphs. Each new bucket costs a capture (about two eager passes of the run),
+            fewer rows but capture more graphs. Each new bucket costs an eager warm-up pass of the run and a capture,
             so the default suits evaluations of a few thousand images: 63 random batches of 32 of the benchmark's
             8 photos (Seg-S, τ 0.88) needed 15 graphs with 16 buckets (2.2% extra rows on average), 45 with 64 (0.5%).
         capture: False runs the same static-buffer and bucketing logic without capturing (the CPU tests use it).
