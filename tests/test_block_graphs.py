@@ -99,6 +99,30 @@ def test_block_ranges_split_between_calls_equal_eager(name):
         torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)
 
 
+def test_eva02_and_proportional_attention_run_dense_graphs_with_their_extras():
+    """EVA-02 blocks (RoPE at merged positions) and proportional attention (log-size key bias) stay padded: their
+    runs replay dense graphs with the bias and RoPE as static inputs, refreshed from batch to batch."""
+    from algm_d2.modeling.backbone.build import build_eva
+    from algm_d2.modeling.backbone.algm_vit import ALGMViT
+
+    torch.manual_seed(0)
+    eva = ALGMViT(vit=build_eva(img_size=64, patch_size=16, embed_dim=48, depth=6, num_heads=3, mlp_ratio=4 * 2 / 3,
+                                eva02=True, rope_pretrain_grid=4), algm=PER_IMAGE).eval()
+    vit = tiny_model(ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
+                                batch_policy="per_image", prop_attn=True))
+    batches = image_batches(3)
+    for model, extra in ((eva, 1), (vit, 0)):  # every run of EVA-02 gets RoPE (extra 1), the ViT the bias (0)
+        with torch.no_grad():
+            expected = [model(images)[0] for images in batches]
+            model.use_cuda_graphs(True, capture=False)
+            got = [model(images)[0] for images in batches]
+        keys = list(model.block_graphs._graphs)
+        assert {key[0] for key in keys} == {"dense"} and all(extra in key[2] for key in keys), keys
+        assert any(0 in key[2] for key in keys)  # a padded batch's key bias
+        for tokens, ref_tokens in zip(got, expected):
+            torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=0)
+
+
 def test_least_recently_used_graphs_are_dropped():
     model = tiny_model(SETTINGS["batch_min"])
     batches = image_batches(4)
