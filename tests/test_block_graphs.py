@@ -163,6 +163,16 @@ def test_moving_the_model_drops_its_graphs():
     assert tokens.dtype == torch.float64
 
 
+def test_partitioned_parameters_turn_graphs_off_with_a_warning(caplog):
+    """DeepSpeed ZeRO-3 gathers parameters into fresh storage around each call: no graph may keep their addresses."""
+    model = tiny_model(SETTINGS["fixed"])
+    model.use_cuda_graphs(True, capture=False)
+    model.blocks[0].attn.qkv.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        model(image_batches(1)[0])
+    assert len(model.block_graphs) == 0 and "ZeRO-3" in caplog.text
+
+
 def test_graphs_stay_out_of_training_and_autograd():
     model = tiny_model(PER_IMAGE)
     model.use_cuda_graphs(True, capture=False)

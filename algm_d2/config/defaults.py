@@ -77,7 +77,7 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
     # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph (shapes bucketed); for small,
     # host-bound models. Costs GPU memory per captured shape (at most 64 graphs). Eval only (training runs eagerly);
-    # not with parameters that move between calls (DeepSpeed ZeRO-3 partitioning).
+    # with DeepSpeed ZeRO-3's partitioned parameters the graphs stay off (a warning says so).
     cfg.MODEL.BACKBONE.CUDA_GRAPHS = False
     # Row buckets per doubling of a per-image batch's packed token total (a power of two): more pad fewer rows but
     # capture more graphs, each an eager warm-up pass plus a capture (16: 2.2% extra rows, 15 graphs for 63 random

@@ -271,9 +271,18 @@ class ALGMViT(nn.Module):
         return packed, index + 1, False
 
     def _graphs_on(self, x: Tensor, observer: Optional[Observer]) -> bool:
-        """Whether runs of blocks on ``x`` replay CUDA graphs (on, inference, no observer, see BlockGraphs.usable)."""
-        return (self.block_graphs is not None and observer is None and not self.training
-                and self.block_graphs.usable(x))
+        """Whether runs of blocks on ``x`` replay CUDA graphs (on, inference, no observer, see BlockGraphs.usable;
+        not with parameters that DeepSpeed ZeRO-3 gathers and frees around each call: a graph would keep their
+        addresses)."""
+        graphs = self.block_graphs
+        if graphs is None or observer is not None or self.training or not graphs.usable(x):
+            return False
+        if graphs.partitioned is None:
+            graphs.partitioned = any(hasattr(p, "ds_id") for p in self.parameters())
+            if graphs.partitioned:
+                logger.warning("CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3); "
+                               "set MODEL.BACKBONE.CUDA_GRAPHS False")
+        return not graphs.partitioned
 
     def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
                        packs: bool) -> int:

@@ -80,6 +80,7 @@ class BlockGraphs:
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         self._pool = None
         self.captures = 0  # graphs captured so far (a steady state captures none)
+        self.partitioned: Optional[bool] = None  # the owner's parameters are gathered per call (set on first use)
 
     def usable(self, x: Tensor) -> bool:
         """Whether a run of blocks on ``x`` may replay a graph: CUDA inference without autograd, outside a capture,
