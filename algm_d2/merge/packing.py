@@ -90,16 +90,21 @@ def build_layout(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = Fals
     return build(counts, seq_len, rows, zero_tail)
 
 
+def slots_of_rows(cu_seqlens: Tensor, seq_len: int, rows: int, tail: int) -> Tensor:
+    """``[rows]`` long: the slot ``image * seq_len + position`` of each packed row in the flattened padded batch, and
+    ``tail`` for rows past the last image."""
+    cu = cu_seqlens.long()
+    row = torch.arange(rows, device=cu.device)
+    image = torch.searchsorted(cu[1:], row, right=True)
+    owner = image.clamp(max=cu.shape[0] - 2)
+    return torch.where(image < cu.shape[0] - 1, owner * seq_len + row - cu[owner], tail)
+
+
 def layout_torch(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
     """:func:`build_layout` with torch ops."""
     starts = torch.cumsum(counts, 0) - counts
     cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
-    row = torch.arange(rows, device=counts.device)
-    image = torch.searchsorted(cu_seqlens[1:].long(), row, right=True)
-    if not zero_tail:
-        return cu_seqlens, image * seq_len + row - starts[image]
-    owner = image.clamp(max=counts.shape[0] - 1)
-    return cu_seqlens, torch.where(image < counts.shape[0], owner * seq_len + row - starts[owner], 0)
+    return cu_seqlens, slots_of_rows(cu_seqlens, seq_len, rows, 0)
 
 
 def layout_triton(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:

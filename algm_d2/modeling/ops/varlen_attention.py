@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...merge.packing import SequenceOffsets
+from ...merge.packing import SequenceOffsets, slots_of_rows
 
 try:  # torch >= 2.9
     from torch.nn.attention.varlen import varlen_attn as _flash_varlen
@@ -57,13 +57,8 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, offsets: Sequenc
     """Pad → SDPA with a key-padding mask → pack (the padded path's arithmetic); rows past the last image give 0."""
     rows, heads, dim = q.shape
     batch, seq_len = offsets.batch, offsets.max_seqlen
-    cu = offsets.cu_seqlens.long()
-    row = torch.arange(rows, device=q.device)
-    image = torch.searchsorted(cu[1:], row, right=True)
-    inside = image < batch
-    owner = image.clamp(max=batch - 1)
     # slot of each row in the padded batch; rows of no image go to one trash slot after it
-    slot = torch.where(inside, owner * seq_len + row - cu[owner], batch * seq_len)
+    slot = slots_of_rows(offsets.cu_seqlens, seq_len, rows, batch * seq_len)
     padded = [t.new_zeros(batch * seq_len + 1, heads * dim).index_copy_(0, slot, t.reshape(rows, heads * dim))
               [:-1].view(batch, seq_len, heads, dim).transpose(1, 2) for t in (q, k, v)]
     keys = offsets.valid_mask().view(batch, 1, 1, seq_len)
