@@ -171,6 +171,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     runners: Dict[str, Callable[[Tensor], Any]] = {}
     batches = {protocol: _batches(images, batch_size, protocol) for protocol in protocols}
     round_iters = -(-iters // rounds)
+    own_graphs = net.encoder.block_graphs  # the model's own setting, restored at the end
     net.encoder.use_cuda_graphs(block_graphs, buckets_per_octave=graph_buckets)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for name, algm in settings.items():
@@ -236,7 +237,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     runners.clear()  # frees the graphs' memory pools
     if captures is not None:  # block graphs captured during the timed rounds (the warm-up passes included)
         captures.update(after_rounds=graphs.captures, kept=len(graphs))
-    net.encoder.use_cuda_graphs(False)
+    net.encoder.block_graphs = own_graphs
     for name in settings:
         net.set_algm(settings[name])
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
