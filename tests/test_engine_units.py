@@ -237,6 +237,13 @@ def test_launch_spawns_local_processes_in_one_group(tmp_path):
         launch(_sum_ranks, 1, num_machines=2, machine_rank=2, dist_url="tcp://127.0.0.1:1", args=(tmp_path,))
 
 
+def test_launch_leaves_the_group_when_the_main_function_returns(tmp_path):
+    # a rank exiting with a live gloo group could abort at shutdown and fail a finished run
+    launch(_sum_ranks, 1, dist_url="auto", args=(tmp_path,), backend="gloo")
+    assert (tmp_path / "rank0_of_1").read_text() == "1.0"
+    assert not dist.is_initialized()
+
+
 SEGMENTER_CONFIGS = sorted((ROOT / "configs/ade20k/segmenter").glob("*_algm.yaml"))
 
 

@@ -107,12 +107,26 @@ def init_distributed(env: Mapping[str, str], backend: str) -> None:
                 env["MASTER_ADDR"], env["MASTER_PORT"])
 
 
+def _run_in_group(env: Mapping[str, str], backend: str, main_func: Callable[..., Any], args: Sequence[Any]) -> None:
+    """Join the group, run ``main_func`` and leave the group once every rank is done.
+
+    Leaving explicitly (barrier, then ``destroy_process_group``) matters: a process that exits with a live gloo group
+    can abort in the group's threads at interpreter shutdown ("terminate called without an active exception"), and
+    a spawned rank's abort fails the whole run although its work was done. After an error the barrier is skipped
+    (the other ranks may never reach it) and the error propagates.
+    """
+    init_distributed(env, backend)
+    main_func(*args)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _run_process(local_rank: int, main_func: Callable[..., Any], env: Dict[str, str], num_gpus_per_machine: int,
                  machine_rank: int, backend: str, args: Sequence[Any]) -> None:
     rank = machine_rank * num_gpus_per_machine + local_rank
-    init_distributed(dict(env, RANK=str(rank), LOCAL_RANK=str(local_rank),
-                          LOCAL_WORLD_SIZE=str(num_gpus_per_machine)), backend)
-    main_func(*args)
+    _run_in_group(dict(env, RANK=str(rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(num_gpus_per_machine)),
+                  backend, main_func, args)
 
 
 def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
@@ -121,7 +135,7 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machine
 
     Under torchrun / the deepspeed launcher / srun (see :func:`launcher_env`) this process is one rank and the
     layout arguments are not used. Otherwise ``num_gpus_per_machine`` processes are spawned on this machine (none
-    when it is 1: the current process is the rank).
+    when it is 1: the current process is the rank). Every rank leaves the group when ``main_func`` returns.
     """
     spawn_requested = num_gpus_per_machine != 1 or num_machines != 1
     env = launcher_env(os.environ, dist_url=dist_url, spawn_requested=spawn_requested)
@@ -129,8 +143,7 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machine
         if spawn_requested:
             logger.warning("a launcher set the ranks (RANK/WORLD_SIZE or SLURM_*): --num-gpus %d --num-machines %d "
                            "are not used", num_gpus_per_machine, num_machines)
-        init_distributed(env, backend)
-        main_func(*args)
+        _run_in_group(env, backend, main_func, args)
         return
     if num_gpus_per_machine < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
         raise ValueError(f"bad process layout: --num-gpus {num_gpus_per_machine}, --num-machines {num_machines}, "
