@@ -3,7 +3,9 @@ detection, the command line, spawning local processes, and the shipped training 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -239,7 +241,8 @@ def test_launch_spawns_local_processes_in_one_group(tmp_path):
 
 def test_launch_leaves_the_group_when_the_main_function_returns(tmp_path):
     # a rank exiting with a live gloo group could abort at shutdown and fail a finished run
-    launch(_sum_ranks, 1, dist_url="auto", args=(tmp_path,), backend="gloo")
+    with mock.patch.dict(os.environ):  # the rendezvous launch exports (RANK, MASTER_PORT, ...) must not leak
+        launch(_sum_ranks, 1, dist_url="auto", args=(tmp_path,), backend="gloo")
     assert (tmp_path / "rank0_of_1").read_text() == "1.0"
     assert not dist.is_initialized()
 
