@@ -152,7 +152,7 @@ def test_tokens_left_by_a_graph_run_survive_the_next_replay():
 def test_moving_the_model_drops_its_graphs():
     """.to() / .half() may move the parameters: graphs captured on the old storage must not replay."""
     model = tiny_model(SETTINGS["fixed"])
-    model.use_cuda_graphs(True, capture=False)
+    model.use_cuda_graphs(True, capture=False, capture_after=1)
     images = image_batches(1)[0]
     with torch.no_grad():
         model(images)
@@ -224,3 +224,19 @@ def test_cuda_graph_replays_equal_eager_on_cuda(name, precision):
             assert counts == ref_counts
             tolerance = 2e-2 if precision == torch.bfloat16 else 1e-5
             torch.testing.assert_close(tokens, ref_tokens, rtol=tolerance, atol=tolerance)
+
+
+def test_a_run_is_captured_only_when_its_shape_comes_back():
+    """Shapes seen once (a batch-level token count of ever new images) run eagerly: no capture storm."""
+    model = tiny_model(SETTINGS["fixed"])
+    model.use_cuda_graphs(True, capture=False, capture_after=2)
+    first, second = image_batches(2)
+    with torch.no_grad():
+        eager, _ = model(first)
+        assert len(model.block_graphs) == 0 and model.block_graphs.eager_runs > 0
+        again, _ = model(first)
+        assert len(model.block_graphs) > 0
+        kept = len(model.block_graphs)
+        model(second[:1])  # a new shape: eager, nothing new is kept
+        assert len(model.block_graphs) == kept
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)

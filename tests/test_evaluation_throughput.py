@@ -53,3 +53,24 @@ def test_inference_timer_leaves_out_warmup_batches():
     assert summary["ms_per_image"] == pytest.approx(1000 * summary["seconds"] / 6)
     timer.reset()
     assert timer.summary()["batches"] == 0
+
+
+def test_every_timed_call_includes_its_synchronize(monkeypatch):
+    """The release's protocol: the clock runs from before each call to the device synchronize after it, so host
+    work that the GPU queue would hide is counted; here the synchronize takes 20 ms and every timed call shows it."""
+    import time as _time
+
+    from algm_d2.evaluation import throughput
+
+    events = []
+
+    def slow_synchronize(device):  # noqa: ANN001
+        events.append("sync")
+        _time.sleep(0.02)
+
+    monkeypatch.setattr(throughput, "_synchronize", slow_synchronize)
+    result = throughput.measure_throughput(lambda _: events.append("call"), None, warmup=1, iters=3, device="cpu",
+                                           batch_size=1, keep_times=True)
+    assert events == ["call", "sync", "call", "sync", "call", "sync", "call", "sync"]
+    assert all(ms >= 20.0 for ms in result["ms_per_batch"])
+    assert "overlapped_images_per_second" not in result  # only on CUDA, when asked

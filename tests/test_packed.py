@@ -123,7 +123,8 @@ def test_triton_varlen_kernel_in_the_interpreter():
 _INTERPRETED_LAYOUT = textwrap.dedent("""
     import random
     import torch
-    from algm_d2.merge.packing import layout_torch, layout_triton
+    from algm_d2.merge.packing import layout_torch
+    from algm_d2.modeling.ops.packed_layout import layout_triton
     random.seed(0)
     cases = [[5], [0, 3], [1025] * 32, [1, 2000, 0, 7]] + [
         [random.randint(0, 1100) for _ in range(random.choice([2, 31, 33]))] for _ in range(4)]

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""EVA + ViT-Adapter + Mask2Former forward per crop, baseline vs ALGM at fixed merge levels (random weights).
+"""EVA + ViT-Adapter + Mask2Former forward per crop, baseline vs ALGM (the config's thresholds, both batch policies,
+both stages scoring but merging nothing, fixed levels), random weights.
 
-Per setting: ms per crop split into ViT blocks / adapter / pixel decoder / transformer decoder (CUDA events at the
-section boundaries, median over iterations), GFLOPs per crop (fvcore multiply-adds, attention counted, by part),
-kept tokens and peak memory.
+Headline: wall clock per forward from before the call to the synchronize after it, every call (the release's
+protocol), on batches of distinct crops of real photos (``--images``; noise without), median over iterations. Per
+setting also: ms per crop split into ViT blocks / adapter / pixel decoder / transformer decoder (CUDA events at the
+section boundaries, a second figure), GFLOPs per crop at the tokens the first batch keeps (fvcore multiply-adds,
+attention counted, by part), kept tokens and peak memory.
 
-  python tools/benchmark_eva.py --config-file configs/ade20k/eva.yaml --device cuda --precision bf16 --out eva.json
+  python tools/benchmark_eva.py --config-file configs/ade20k/eva_algm.yaml --images photos/ --batch 2 \
+      --device cuda --precision bf16 --out eva.json
   # the same code path on a tiny model, on the CPU
-  python tools/benchmark_eva.py --config-file configs/demo/eva_tiny.yaml --device cpu --size 128 --iters 2
+  python tools/benchmark_eva.py --config-file configs/demo/eva_tiny_algm.yaml --device cpu --size 128 --iters 2
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +38,49 @@ from algm_d2.modeling.ops.msda import MSDeformAttn  # noqa: E402
 
 logger = logging.getLogger("benchmark_eva")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
-def settings(local_layer: int, global_layer: int) -> Dict[str, ALGMConfig]:
-    """Baseline and ALGM at fixed levels (fractions of the CLAP windows / GBM candidates merged)."""
+def settings(cfg, depth: int, global_layer: int = 0) -> Dict[str, ALGMConfig]:  # noqa: ANN001 - a CfgNode
+    """Baseline; the config's thresholds (MODEL.ALGM.*, whether ENABLED or not) under its batch policy and the
+    other one; both stages scoring with τ above any cosine (nothing merges); fixed levels (fractions merged)."""
+    node = cfg.MODEL.ALGM
+    layers = {"local_layer": node.LOCAL_LAYER, "global_layer": global_layer or min(node.GLOBAL_LAYER, depth),
+              "window": tuple(node.WINDOW)}
+    thresholds = {"local_threshold": node.LOCAL_THRESHOLD, "global_threshold": node.GLOBAL_THRESHOLD}
+    policies = [node.BATCH_POLICY] + [p for p in ("min", "per_image") if p != node.BATCH_POLICY]
+
     def level(local: float, global_: float) -> ALGMConfig:
-        return ALGMConfig(local_layer=local_layer, global_layer=global_layer,
-                          local_threshold=FixedLevel(fraction=local), global_threshold=FixedLevel(fraction=global_))
-    return {"baseline": OFF, "algm_25_30": level(0.25, 0.30), "algm_50_50": level(0.5, 0.5)}
+        return ALGMConfig(**layers, local_threshold=FixedLevel(fraction=local),
+                          global_threshold=FixedLevel(fraction=global_))
+    return {"baseline": OFF,
+            **{f"algm_{policy}": ALGMConfig(**layers, **thresholds, batch_policy=policy) for policy in policies},
+            "scored_nothing_merged": ALGMConfig(**layers, local_threshold=2.0, global_threshold=2.0),
+            "algm_25_30": level(0.25, 0.30), "algm_50_50": level(0.5, 0.5)}
+
+
+def load_crops(folder: str, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Every image of ``folder`` resized (short side) and centre-cropped to ``size``², normalized: ``[N, 3, s, s]``."""
+    from algm_d2.data import read_image  # noqa: PLC0415 - only with --images
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"--images {folder}: no {sorted(IMAGE_SUFFIXES)} files")
+    crops = []
+    for path in paths:
+        image = torch.from_numpy(np.ascontiguousarray(read_image(str(path)))).permute(2, 0, 1)[None].float()
+        scale = size / min(image.shape[-2:])
+        new = (max(size, round(image.shape[-2] * scale)), max(size, round(image.shape[-1] * scale)))
+        image = torch.nn.functional.interpolate(image, size=new, mode="bilinear", align_corners=False)
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        crops.append(image[..., top:top + size, left:left + size])
+    return (torch.cat(crops) - mean.view(1, 3, 1, 1).cpu()) / std.view(1, 3, 1, 1).cpu()
+
+
+def mixed_batches(crops: torch.Tensor, batch: int, count: int) -> List[torch.Tensor]:
+    """``count`` batches of ``batch`` distinct crops (consecutive, cycling), so token counts vary from call to call."""
+    order = [i % crops.shape[0] for i in range(count * batch)]
+    return [crops[order[i * batch:(i + 1) * batch]] for i in range(count)]
 
 
 class SectionTimer:
@@ -96,49 +135,58 @@ def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
             hook.remove()
 
 
-def time_forward(net: torch.nn.Module, images: torch.Tensor, warmup: int, iters: int,
+def time_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], warmup: int, iters: int,
                  autocast: Callable[[], Any]) -> Dict[str, Any]:
-    device = images.device
+    """Synchronized wall clock per forward over ``batches`` (cycled), and the CUDA-event split by section."""
+    device = batches[0].device
+    cuda = device.type == "cuda"
     with torch.no_grad(), autocast():
-        for _ in range(warmup):
-            net(images)
-        if device.type == "cuda":
+        for i in range(warmup):
+            net(batches[i % len(batches)])
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         runs: List[Dict[str, float]] = []
-        for _ in range(iters):
+        wall: List[float] = []
+        for i in range(iters):
             timer = SectionTimer(device)
             with sections(net, timer):
+                start = time.perf_counter()
                 timer.mark("adapter")
-                net(images)
+                net(batches[i % len(batches)])
                 timer.mark("end")
+                if cuda:
+                    torch.cuda.synchronize()
+                wall.append((time.perf_counter() - start) * 1000.0)
             runs.append(timer.durations())
-    per_crop = images.shape[0]
+    per_crop = batches[0].shape[0]
     labels = sorted({k for r in runs for k in r})
     split = {k: float(np.median([r.get(k, 0.0) for r in runs])) / per_crop for k in labels}
-    total = float(np.median([sum(r.values()) for r in runs])) / per_crop
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"ms_per_crop": total, "ms_per_crop_by_part": split, "peak_memory_mb": peak}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"ms_per_crop": float(np.median(wall)) / per_crop, "ms_per_crop_by_part_gpu_events": split,
+            "ms_per_forward": [round(t, 3) for t in wall], "peak_memory_mb": peak}
 
 
-def gflops_by_part(net: torch.nn.Module, image: torch.Tensor) -> Dict[str, Any]:
-    """fvcore multiply-adds by part; deformable sampling (grid_sample) is not counted (its linears are)."""
+def gflops_by_part(net: torch.nn.Module, images: torch.Tensor) -> Dict[str, Any]:
+    """fvcore multiply-adds per crop of ``images``, by part; deformable sampling (grid_sample) is not counted (its
+    linears are)."""
     msda = [m for m in net.modules() if isinstance(m, MSDeformAttn)]
     impls = [m.impl for m in msda]
     for m in msda:  # the jit trace cannot enter the Triton kernel's autograd function
         m.impl = "reference"
     names = ("backbone", "backbone.blocks", "decode_head", "decode_head.pixel_decoder")
     try:
-        counted = count_gflops(net, (image,), module_names=names)
+        counted = count_gflops(net, (images,), module_names=names)
     finally:
         for m, impl in zip(msda, impls):
             m.impl = impl
-    part = counted["by_name"]
+    part = {name: gflops / counted["num_images"] for name, gflops in counted["by_name"].items()}
+    whole = counted["gflops_per_image"]
     parts = {"vit_blocks": part["backbone.blocks"], "adapter": part["backbone"] - part["backbone.blocks"],
              "pixel_decoder": part["decode_head.pixel_decoder"],
              "transformer_decoder_and_heads": part["decode_head"] - part["decode_head.pixel_decoder"],
-             "other": counted["gflops"] - part["backbone"] - part["decode_head"]}
-    return {"gflops_per_crop": counted["gflops_per_image"], "gflops_by_part": parts,
+             "other": whole - part["backbone"] - part["decode_head"]}
+    return {"gflops_per_crop": whole, "gflops_by_part_per_crop": parts,
             "unsupported_ops": counted.get("unsupported_ops")}
 
 
@@ -148,10 +196,13 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     parser.add_argument("--size", type=int, default=896, help="crop side (EVA: 896)")
-    parser.add_argument("--batch", type=int, default=1, help="crops per forward")
+    parser.add_argument("--batch", type=int, default=2, help="crops per forward (EVA's TEST.BATCH_SIZE: 2)")
+    parser.add_argument("--images", default=None, help="folder of photos for the crops (default: noise)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--global-layer", type=int, default=None, help="default: MODEL.ALGM.GLOBAL_LAYER")
+    parser.add_argument("--global-layer", type=int, default=None,
+                        help="default: MODEL.ALGM.GLOBAL_LAYER (the last block if the model is shallower)")
+    parser.add_argument("--settings", nargs="+", default=None, help="a subset of the settings (default: all)")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--out", default="benchmark_eva.json")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -163,36 +214,52 @@ def main(argv: List[str] = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device):  # initialise the 1.3 B parameters where they live
-        net = build_model(cfg).net.eval()
+        model = build_model(cfg).eval()
+    net = model.net
     dtype = PRECISIONS[args.precision]
 
     def autocast():  # noqa: ANN202
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    global_layer = args.global_layer or cfg.MODEL.ALGM.GLOBAL_LAYER
+    if args.images:
+        crops = load_crops(args.images, args.size, model.pixel_mean, model.pixel_std)
+    else:
+        crops = torch.randn(max(8, args.batch), 3, args.size, args.size)
+    batches = [b.to(device) for b in mixed_batches(crops, args.batch, max(1, crops.shape[0]))]
+    chosen = settings(cfg, net.backbone.depth, args.global_layer or 0)
+    if args.settings:
+        unknown = set(args.settings) - set(chosen)
+        if unknown:
+            raise SystemExit(f"--settings: unknown {sorted(unknown)}; choose from {sorted(chosen)}")
+        chosen = {name: chosen[name] for name in args.settings}
     report: Dict[str, Any] = {"config_file": args.config_file, "precision": args.precision, "size": args.size,
-                              "batch": args.batch, "device": torch.cuda.get_device_name() if device.type == "cuda"
-                              else "cpu", "command": " ".join(sys.argv), "results": {}}
-    for name, algm in settings(cfg.MODEL.ALGM.LOCAL_LAYER, global_layer).items():
+                              "batch": args.batch, "images": args.images or "noise", "distinct_batches": len(batches),
+                              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": {}}
+    for name, algm in chosen.items():
         net.set_algm(algm)
-        entry = time_forward(net, images, args.warmup, args.iters, autocast)
+        entry = time_forward(net, batches, args.warmup, args.iters, autocast)
+        entry["algm"] = repr(algm)
         entry["tokens_per_layer"] = net.merge_stats["tokens_per_layer"]
-        entry["final_tokens"] = entry["tokens_per_layer"][-1][0] if entry["tokens_per_layer"] else None
+        entry["final_tokens_mean"] = (float(np.mean(entry["tokens_per_layer"][-1])) if entry["tokens_per_layer"]
+                                      else None)
         if not args.no_flops:
             with autocast():
-                entry.update(gflops_by_part(net, images[:1]))
+                entry.update(gflops_by_part(net, batches[0]))
         report["results"][name] = entry
         logger.info("%s: %.2f ms/crop %s", name, entry["ms_per_crop"],
-                    {k: round(v, 2) for k, v in entry["ms_per_crop_by_part"].items()})
+                    {k: round(v, 2) for k, v in entry["ms_per_crop_by_part_gpu_events"].items()})
     Path(args.out).write_text(json.dumps(report, indent=1))
-    base = report["results"]["baseline"]["ms_per_crop"]
-    print("| setting | final tokens | ms/crop | × baseline speed | " + " | ".join(
-        f"{k} ms" for k in report["results"]["baseline"]["ms_per_crop_by_part"]) + " | GFLOPs/crop | peak MB |")
+    base = report["results"].get("baseline", next(iter(report["results"].values())))
+    parts = list(base["ms_per_crop_by_part_gpu_events"])
+    print("| setting | final tokens | ms/crop (synchronized) | × baseline speed | GFLOPs/crop | "
+          + " | ".join(f"{k} ms (by section)" for k in parts) + " | peak MB |")
+    print("|---" * (6 + len(parts)) + "|")
     for name, entry in report["results"].items():
-        parts = " | ".join(f"{v:.2f}" for v in entry["ms_per_crop_by_part"].values())
-        print(f"| {name} | {entry['final_tokens']} | {entry['ms_per_crop']:.2f} | {base / entry['ms_per_crop']:.2f} | "
-              f"{parts} | {entry.get('gflops_per_crop', float('nan')):.4g} | {entry['peak_memory_mb'] or 0:.0f} |")
+        split = " | ".join(f"{entry['ms_per_crop_by_part_gpu_events'].get(k, 0.0):.2f}" for k in parts)
+        print(f"| {name} | {entry['final_tokens_mean']:.0f} | {entry['ms_per_crop']:.2f} | "
+              f"{base['ms_per_crop'] / entry['ms_per_crop']:.2f} | {entry.get('gflops_per_crop', float('nan')):.4g} | "
+              f"{split} | {entry['peak_memory_mb'] or 0:.0f} |")
 
 
 if __name__ == "__main__":

@@ -75,10 +75,10 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.ROPE_PRETRAIN_GRID = 16
     # Recompute block activations in the backward pass (saves memory).
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
-    # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph (shapes bucketed); for small,
-    # host-bound models. Costs GPU memory per captured shape (at most 64 graphs). Eval only (training runs eagerly);
-    # with DeepSpeed ZeRO-3's partitioned parameters the graphs stay off (a warning says so).
-    cfg.MODEL.BACKBONE.CUDA_GRAPHS = False
+    # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph once its (bucketed) shape comes
+    # back; small models are bound by the host's launches. Costs GPU memory per captured shape (at most 64 graphs).
+    # Eval only (training runs eagerly; the CPU never captures); off under DeepSpeed ZeRO-3's partitioned parameters.
+    cfg.MODEL.BACKBONE.CUDA_GRAPHS = True
     # Row buckets per doubling of a per-image batch's packed token total (a power of two): more pad fewer rows but
     # capture more graphs, each an eager warm-up pass plus a capture (16: 2.2% extra rows, 15 graphs for 63 random
     # batches).
@@ -293,6 +293,9 @@ def _test(cfg: CN) -> None:
     # Inference precision: "fp32" (the reference), or "bf16" / "fp16" autocast.
     cfg.TEST.PRECISION = "fp32"
     cfg.TEST.FLIP = False
+    # Evaluation takes the labels of a single view (one scale, no flip) with a fused resize + argmax instead of
+    # computing [K, H, W] probabilities first (same labels); False computes the probabilities.
+    cfg.TEST.FUSED_LABELS = True
 
     # Evaluation reporting (algm_d2.evaluation).
     # Count GFLOPs (fvcore multiply-adds, attention included) during evaluation.

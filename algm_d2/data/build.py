@@ -199,9 +199,16 @@ def _check_against_model(cfg, dataset_names: Sequence[str]) -> None:  # noqa: AN
                          f"ignores label {metadata.ignore_label}")
 
 
-def _data_loader(dataset: _MappedBatches, *, num_workers: int, seed: int, rank: int) -> DataLoader:
+def _data_loader(dataset: _MappedBatches, *, num_workers: int, seed: int, rank: int, pin_memory: bool) -> DataLoader:
+    # pinned batches let the model's non-blocking copies to the GPU overlap the previous batch's work
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=trivial_batch_collator,
-                      worker_init_fn=partial(seed_worker, seed=seed, rank=rank))
+                      worker_init_fn=partial(seed_worker, seed=seed, rank=rank), pin_memory=pin_memory,
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+def _pins_memory(cfg) -> bool:  # noqa: ANN001 - a CfgNode
+    """Whether batches go to a CUDA device (MODEL.DEVICE) that exists: then they are pinned."""
+    return str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
 
 
 def build_train_loader(cfg, mapper: Optional[Mapper] = None, *,  # noqa: ANN001 - a CfgNode
@@ -237,7 +244,7 @@ def build_train_loader(cfg, mapper: Optional[Mapper] = None, *,  # noqa: ANN001 
         skip_bad_samples=cfg.DATALOADER.SKIP_BAD_SAMPLES, num_workers=num_workers)
     logger.info("training data: %s, %d records, %d images per rank per iteration from iteration %d",
                 ", ".join(names), len(records), dataset.batch_size, start_iter)
-    return _data_loader(dataset, num_workers=num_workers, seed=seed, rank=rank)
+    return _data_loader(dataset, num_workers=num_workers, seed=seed, rank=rank, pin_memory=_pins_memory(cfg))
 
 
 def build_test_loader(cfg, dataset_name: str, mapper: Optional[Mapper] = None, *,  # noqa: ANN001 - a CfgNode
@@ -259,4 +266,4 @@ def build_test_loader(cfg, dataset_name: str, mapper: Optional[Mapper] = None, *
     dataset = InferenceBatches(
         records, mapper, InferenceSampler(len(records), rank=rank, world_size=world_size), batch_size=batch_size,
         seed=seed, skip_bad_samples=cfg.DATALOADER.SKIP_BAD_SAMPLES, num_workers=num_workers)
-    return _data_loader(dataset, num_workers=num_workers, seed=seed, rank=rank)
+    return _data_loader(dataset, num_workers=num_workers, seed=seed, rank=rank, pin_memory=_pins_memory(cfg))

@@ -40,7 +40,8 @@ def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, 
     with torch.no_grad(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=get_rank() != 0, mininterval=10):
             with timer.time_batch(len(batch)):
-                outputs = model(batch)
+                # the evaluator needs labels only: a model that predicts them directly skips [K, H, W] probabilities
+                outputs = model.predict_labels(batch) if hasattr(model, "predict_labels") else model(batch)
             evaluator.process(batch, outputs)
             if merge_stats is not None:
                 merge_stats.update(model.merge_stats)

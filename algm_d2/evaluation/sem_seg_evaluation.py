@@ -73,17 +73,24 @@ class SemSegEvaluator:
 
     def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """inputs: dicts with "sem_seg" (long [H, W] ground truth) and "file_name"; outputs: dicts with "sem_seg"
-        (float [K, H, W] scores at the original resolution)."""
+        (float [K, H, W] scores at the original resolution) or "sem_seg_labels" (integer [H, W], their argmax)."""
         if len(inputs) != len(outputs):
             raise ValueError(f"SemSegEvaluator.process: {len(inputs)} inputs but {len(outputs)} outputs")
         size = self.num_classes + 1
         for sample, output in zip(inputs, outputs):
             file_name = sample.get("file_name", "<no file_name>")
-            scores = output["sem_seg"]
-            if scores.dim() != 3 or scores.shape[0] != self.num_classes:
-                raise ValueError(f"{file_name}: prediction \"sem_seg\" must be [K={self.num_classes}, H, W], "
-                                 f"got {tuple(scores.shape)}")
-            pred = scores.argmax(dim=0)
+            if "sem_seg_labels" in output:
+                pred = output["sem_seg_labels"]
+                if pred.dim() != 2 or pred.is_floating_point():
+                    raise ValueError(f"{file_name}: prediction \"sem_seg_labels\" must be integer [H, W], got "
+                                     f"{pred.dtype} {tuple(pred.shape)}")
+                pred = pred.long()
+            else:
+                scores = output["sem_seg"]
+                if scores.dim() != 3 or scores.shape[0] != self.num_classes:
+                    raise ValueError(f"{file_name}: prediction \"sem_seg\" must be [K={self.num_classes}, H, W], "
+                                     f"got {tuple(scores.shape)}")
+                pred = scores.argmax(dim=0)
             gt = torch.as_tensor(sample["sem_seg"]).to(device=pred.device, dtype=torch.long)
             if gt.shape != pred.shape:
                 raise ValueError(f"{file_name}: ground truth is {tuple(gt.shape)} but the prediction is "

@@ -4,23 +4,21 @@ Under the ``per_image`` policy images keep different numbers of tokens and the b
 Per-token layers (norms, linears, MLPs) then waste work on padding and attention needs a mask, which rules out the
 fastest kernels. Packing keeps only the valid tokens (``[total, C]``) with cumulative sequence offsets, the layout of
 variable-length (flash) attention. Pack and unpack are single gathers, with no host sync (the total is known on the
-host from the merge stage's own sync).
+host from the merge stage's own sync). Torch only: a one-launch CUDA builder of the layout lives in
+``algm_d2.modeling.ops.packed_layout``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
 from .state import MergeState
+
+# (counts [B], seq_len, rows, zero_tail) -> (cu_seqlens [B + 1] int32, pack_index [rows] long): see layout_torch
+LayoutBuilder = Callable[[Tensor, int, int, bool], Tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,18 @@ class PackedLayout(SequenceOffsets):
     pack_index: Tensor
 
     @classmethod
-    def from_state(cls, state: MergeState) -> "PackedLayout":
+    def from_state(cls, state: MergeState, build: Optional[LayoutBuilder] = None) -> "PackedLayout":
         if state.total_tokens is None:
             raise ValueError("the merge state does not know its total token count on the host; cannot pack")
-        return cls.from_counts(state.num_tokens, state.sizes.shape[1], state.total_tokens)
+        return cls.from_counts(state.num_tokens, state.sizes.shape[1], state.total_tokens, build)
 
     @classmethod
-    def from_counts(cls, counts: Tensor, seq_len: int, total: int) -> "PackedLayout":
-        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int)."""
-        cu_seqlens, pack_index = build_layout(counts, seq_len, total)
+    def from_counts(cls, counts: Tensor, seq_len: int, total: int, build: Optional[LayoutBuilder] = None
+                    ) -> "PackedLayout":
+        """Images whose ``counts[b]`` valid tokens lead rows of ``seq_len``; ``total`` = their sum (a host int).
+        ``build`` computes the offsets and gathers (default :func:`layout_torch`; the model layer passes a
+        one-launch kernel on CUDA)."""
+        cu_seqlens, pack_index = (build or layout_torch)(counts, seq_len, total, False)
         return cls(cu_seqlens, seq_len, total, pack_index)
 
     def pack(self, x: Tensor) -> Tensor:
@@ -79,15 +80,6 @@ class PackedLayout(SequenceOffsets):
         """Packed ``[total, C]`` → padded ``[B, T, C]`` with zeros on padding (one zero fill and one row copy)."""
         padded = packed.new_zeros(self.batch * self.max_seqlen, packed.shape[-1])
         return padded.index_copy_(0, self.pack_index, packed).view(self.batch, self.max_seqlen, packed.shape[-1])
-
-
-def build_layout(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
-    """``cu_seqlens`` ``[B + 1]`` and ``pack_index`` ``[rows]`` of images whose ``counts[b]`` valid tokens lead rows
-    of ``seq_len``. ``rows`` is their total, or with ``zero_tail`` any bound of it (a CUDA-graph bucket, where the
-    host does not know the total): the entries past the total then point at row 0. On CUDA one Triton launch builds
-    it (the eager per-image path is bound by the host's launches)."""
-    build = layout_triton if counts.is_cuda and triton is not None else layout_torch
-    return build(counts, seq_len, rows, zero_tail)
 
 
 def slots_of_rows(cu_seqlens: Tensor, seq_len: int, rows: int, tail: int) -> Tensor:
@@ -101,35 +93,9 @@ def slots_of_rows(cu_seqlens: Tensor, seq_len: int, rows: int, tail: int) -> Ten
 
 
 def layout_torch(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
-    """:func:`build_layout` with torch ops."""
+    """``cu_seqlens`` ``[B + 1]`` and ``pack_index`` ``[rows]`` of images whose ``counts[b]`` valid tokens lead rows
+    of ``seq_len``. ``rows`` is their total, or with ``zero_tail`` any bound of it (a CUDA-graph bucket, where the
+    host does not know the total): the entries past the total then point at row 0."""
     starts = torch.cumsum(counts, 0) - counts
     cu_seqlens = torch.cat([starts, starts[-1:] + counts[-1:]]).to(torch.int32)
     return cu_seqlens, slots_of_rows(cu_seqlens, seq_len, rows, 0)
-
-
-def layout_triton(counts: Tensor, seq_len: int, rows: int, zero_tail: bool = False) -> Tuple[Tensor, Tensor]:
-    """:func:`build_layout` from one Triton launch (not ~10 kernels)."""
-    batch = counts.shape[0]
-    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=counts.device)
-    pack_index = (torch.zeros if zero_tail else torch.empty)(rows, dtype=torch.long, device=counts.device)
-    _layout_kernel[(batch,)](counts.long().contiguous(), cu_seqlens, pack_index, batch, seq_len,
-                             BLOCK_B=triton.next_power_of_2(batch), BLOCK_ROWS=1024)
-    return cu_seqlens, pack_index
-
-
-if triton is not None:
-
-    @triton.jit
-    def _layout_kernel(counts, cu_seqlens, pack_index, batch, seq_len, BLOCK_B: tl.constexpr,
-                       BLOCK_ROWS: tl.constexpr):
-        # one program per image: its start is the sum of the counts before it; its rows are image * seq_len + r
-        image = tl.program_id(0)
-        images = tl.arange(0, BLOCK_B)
-        start = tl.sum(tl.load(counts + images, mask=images < image, other=0))
-        count = tl.load(counts + image)
-        tl.store(cu_seqlens + image, start.to(tl.int32))
-        if image == batch - 1:
-            tl.store(cu_seqlens + batch, (start + count).to(tl.int32))
-        for first in tl.range(0, count, BLOCK_ROWS):
-            rows = first + tl.arange(0, BLOCK_ROWS)
-            tl.store(pack_index + start + rows, image.to(tl.int64) * seq_len + rows, mask=rows < count)

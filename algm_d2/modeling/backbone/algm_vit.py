@@ -19,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
 from ...merge.packing import PackedLayout, SequenceOffsets
 from ...merge.state import attention_dtype
+from ..ops.attention_kernels import dynamic_length_attention
+from ..ops.packed_layout import packed_layout_of
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
 from .block_graphs import BlockGraphs
@@ -81,14 +83,15 @@ class ALGMViT(nn.Module):
         activation_checkpointing: recompute the attention and MLP halves of each block in backward when training.
         packed_attention: run padded per-image batches on their valid tokens only, with variable-length attention
             (inference; see :meth:`_packs`); False keeps the padded batch with a key mask.
-        cuda_graphs: in CUDA inference, replay each run of blocks between merges as a CUDA graph (see
-            :mod:`.block_graphs`; for host-bound small models); ``cuda_graph_buckets``: row buckets per doubling
-            of a packed total (:class:`BlockGraphs` ``buckets_per_octave``).
+        cuda_graphs: in CUDA inference, replay each run of blocks between merges as a CUDA graph once its shape
+            comes back (see :mod:`.block_graphs`; small models are bound by the host's launches); no effect on the
+            CPU or in training. ``cuda_graph_buckets``: row buckets per doubling of a packed total
+            (:class:`BlockGraphs` ``buckets_per_octave``).
     """
 
     def __init__(self, *, vit: nn.Module, algm: ALGMConfig = OFF, pos_embed_interp: str = "bicubic",
                  activation_checkpointing: bool = False, packed_attention: bool = True,
-                 cuda_graphs: bool = False, cuda_graph_buckets: int = 16) -> None:
+                 cuda_graphs: bool = True, cuda_graph_buckets: int = 16) -> None:
         super().__init__()
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise TypeError(f"expected a timm VisionTransformer or Eva, got {type(vit).__name__}")
@@ -130,10 +133,10 @@ class ALGMViT(nn.Module):
                    cuda_graph_buckets=node.CUDA_GRAPH_BUCKETS)
 
     def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 64, buckets_per_octave: int = 16,
-                        capture: bool = True) -> None:
+                        capture: bool = True, capture_after: int = 2) -> None:
         """Turn the block-run CUDA graphs on (a fresh, empty :class:`BlockGraphs`) or off (frees them)."""
         self.block_graphs = (BlockGraphs(max_graphs=max_graphs, buckets_per_octave=buckets_per_octave,
-                                         capture=capture) if enabled else None)
+                                         capture=capture, capture_after=capture_after) if enabled else None)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "ALGMViT":
         # .to() / .half() / .cuda() may give the parameters new storage, which captured graphs would not see
@@ -215,6 +218,10 @@ class ALGMViT(nn.Module):
         from block to block and are unpacked for a merge or at the end. With CUDA graphs on, the MLP half of a
         merging block and the blocks without a merge after it replay as one graph (:mod:`.block_graphs`).
         """
+        with dynamic_length_attention(stream.algm.enabled):
+            self._run_blocks(stream, start, end, observer)
+
+    def _run_blocks(self, stream: "TokenStream", start: int, end: int, observer: Optional[Observer]) -> None:
         packed: Optional[Tensor] = None
         borrowed = False  # stream.x is a graph's buffer (the next replay overwrites it)
         index = start
@@ -280,8 +287,7 @@ class ALGMViT(nn.Module):
         if graphs.partitioned is None:
             graphs.partitioned = any(hasattr(p, "ds_id") for p in self.parameters())
             if graphs.partitioned:
-                logger.warning("CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3); "
-                               "set MODEL.BACKBONE.CUDA_GRAPHS False")
+                logger.info("block CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3)")
         return not graphs.partitioned
 
     def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
@@ -396,7 +402,7 @@ class TokenStream:
     def layout(self) -> Optional[PackedLayout]:
         """Where the valid tokens of a packable batch sit when packed (None otherwise), built once per merge."""
         if self.packable and self.packed_layout is None:
-            self.packed_layout = PackedLayout.from_state(self.state)
+            self.packed_layout = packed_layout_of(self.state)
         return self.packed_layout
 
     def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:

@@ -14,9 +14,11 @@ captured once and replayed: one launch for the run. Token counts vary from batch
 - dense runs (every image with the same count: the plain model, fixed levels, batch-level policies) are keyed by
   their exact shapes.
 
-Each key owns a graph, its static inputs and its output (each replay overwrites it); all graphs share one memory
-pool for their intermediates (they replay one at a time on one stream). At most ``max_graphs`` are kept, least
-recently used first out. Capture runs with autocast's weight cache off: a cached cast would be freed when the
+A key is captured the ``capture_after``-th time it is seen (default: the second); before that its run is eager
+(on the same bucketed static shapes), so shapes that never come back (a batch-level token count in an evaluation of
+ever new images) cost no capture. Each captured key owns a graph, its static inputs and its output (each replay
+overwrites it); all graphs share one memory pool for their intermediates (they replay one at a time on one stream).
+At most ``max_graphs`` are kept, least recently used first out. Capture runs with autocast's weight cache off: a cached cast would be freed when the
 caller's autocast context ends, and later replays would read freed memory.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Callable, Hashable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...merge.packing import SequenceOffsets, build_layout
+from ...merge.packing import SequenceOffsets
+from ..ops.packed_layout import build_layout
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +69,28 @@ class BlockGraphs:
             so the default suits evaluations of a few thousand images: 63 random batches of 32 of the benchmark's
             8 photos (Seg-S, τ 0.88) needed 15 graphs with 16 buckets (2.2% extra rows on average), 45 with 64 (0.5%).
         capture: False runs the same static-buffer and bucketing logic without capturing (the CPU tests use it).
+        capture_after: sightings of a key before it is captured (1: at once).
     """
 
-    def __init__(self, *, max_graphs: int = 64, buckets_per_octave: int = 16, capture: bool = True) -> None:
+    def __init__(self, *, max_graphs: int = 64, buckets_per_octave: int = 16, capture: bool = True,
+                 capture_after: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if capture_after < 1:
+            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
         if buckets_per_octave < 1 or buckets_per_octave & (buckets_per_octave - 1):
             raise ValueError(f"buckets_per_octave (MODEL.BACKBONE.CUDA_GRAPH_BUCKETS) must be a power of two, got "
                              f"{buckets_per_octave}")
         self.max_graphs = max_graphs
         self.buckets_per_octave = buckets_per_octave
         self.capture = capture
+        self.capture_after = capture_after
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
+        # sightings of keys not captured yet (bounded: the oldest are forgotten first)
+        self._sightings: "OrderedDict[Hashable, int]" = OrderedDict()
         self._pool = None
         self.captures = 0  # graphs captured so far (a steady state captures none)
+        self.eager_runs = 0  # runs of keys not captured yet
         self.partitioned: Optional[bool] = None  # the owner's parameters are gathered per call (set on first use)
 
     def usable(self, x: Tensor) -> bool:
@@ -94,6 +105,7 @@ class BlockGraphs:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._sightings.clear()
 
     def packed(self, key: Hashable, run: Callable[[Tensor, SequenceOffsets], Tensor], x: Tensor,
                offsets: SequenceOffsets) -> Tensor:
@@ -146,12 +158,15 @@ class BlockGraphs:
                      torch.get_autocast_dtype(device.type) if autocast else None, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         fresh = entry is None
+        if fresh and self._sighted(key) < self.capture_after:
+            self.eager_runs += 1
+            return run(*self._static_inputs(inputs, shapes))
         if fresh:
-            # zeros: a bucket's tail rows stay finite (they are computed, never read)
-            entry = _Captured(None, tuple(torch.zeros(s, dtype=t.dtype, device=t.device)
-                                          for s, t in zip(shapes, inputs)), None)
-        for static, given in zip(entry.inputs, inputs):
-            static[tuple(slice(0, n) for n in given.shape)].copy_(given)
+            self._sightings.pop(key, None)
+            entry = _Captured(None, self._static_inputs(inputs, shapes), None)
+        else:
+            for static, given in zip(entry.inputs, inputs):
+                static[tuple(slice(0, n) for n in given.shape)].copy_(given)
         if not self.capture:
             out = run(*entry.inputs)
             entry.output = out if entry.output is None else entry.output.copy_(out)
@@ -165,6 +180,23 @@ class BlockGraphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         return entry.output
+
+    def _sighted(self, key: Hashable) -> int:
+        """Count one more sighting of the uncaptured ``key``; returns the count so far."""
+        count = self._sightings.pop(key, 0) + 1
+        self._sightings[key] = count
+        while len(self._sightings) > 4 * self.max_graphs:
+            self._sightings.popitem(last=False)
+        return count
+
+    @staticmethod
+    def _static_inputs(inputs: Sequence[Tensor], shapes: Sequence[Tuple[int, ...]]) -> Tuple[Tensor, ...]:
+        """The inputs copied into zero buffers of the static ``shapes`` (a bucket's tail rows stay finite: they are
+        computed, never read)."""
+        buffers = tuple(torch.zeros(s, dtype=t.dtype, device=t.device) for s, t in zip(shapes, inputs))
+        for static, given in zip(buffers, inputs):
+            static[tuple(slice(0, n) for n in given.shape)].copy_(given)
+        return buffers
 
     def _capture(self, run: Callable[..., Tensor], inputs: Tuple[Tensor, ...]
                  ) -> Tuple["torch.cuda.CUDAGraph", Tensor]:

@@ -214,7 +214,7 @@ class ViTAdapter(ALGMViT):
                  with_cffn: bool = True, init_values: float = 0.0, extra_extractor: bool = True,
                  add_vit_feature: bool = True, msda_impl: str = "auto", algm: ALGMConfig = OFF,
                  pos_embed_interp: str = "bicubic", activation_checkpointing: bool = False,
-                 cuda_graphs: bool = False, cuda_graph_buckets: int = 16) -> None:
+                 cuda_graphs: bool = True, cuda_graph_buckets: int = 16) -> None:
         super().__init__(vit=vit, algm=algm, pos_embed_interp=pos_embed_interp,
                          activation_checkpointing=activation_checkpointing, cuda_graphs=cuda_graphs,
                          cuda_graph_buckets=cuda_graph_buckets)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ...merge import MergeState
 from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
+from ..ops.packed_layout import build_layout
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import SEM_SEG_HEAD_REGISTRY
 
@@ -116,7 +117,8 @@ class MaskTransformer(nn.Module):
             return None
         batch, seq_len = state.sizes.shape
         extra = self.num_classes - state.num_prefix  # class tokens in, prefix tokens out
-        return PackedLayout.from_counts(state.num_tokens + extra, seq_len + extra, state.total_tokens + batch * extra)
+        return PackedLayout.from_counts(state.num_tokens + extra, seq_len + extra, state.total_tokens + batch * extra,
+                                        build_layout)
 
 
 @SEM_SEG_HEAD_REGISTRY.register()

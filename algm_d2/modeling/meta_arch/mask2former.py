@@ -15,6 +15,7 @@ from ...merge import ALGMConfig, MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..backbone.vit_adapter import ViTAdapter
 from ..mask2former import SetCriterion, semantic_inference, semantic_to_instance_targets
+from ..ops.attention_kernels import dynamic_length_attention
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY, TRANSFORMER_DECODER_REGISTRY
 from .segmenter import pad_to_multiple
 
@@ -134,4 +135,5 @@ class MergedTokenMask2Former(MaskClassificationNet):
     def predict(self, images: Tensor) -> Dict[str, Any]:
         tokens, state = self.backbone(images)
         self._last_state = state
-        return self.decoder(tokens[:, state.num_prefix:], state)
+        with dynamic_length_attention(state.merged):
+            return self.decoder(tokens[:, state.num_prefix:], state)

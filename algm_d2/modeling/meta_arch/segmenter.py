@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ...merge import ALGMConfig, MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..heads.segmenter_heads import MaskTransformer
+from ..ops.attention_kernels import dynamic_length_attention
 from ..ops.upsample_argmax import upsample_argmax, upsample_bilinear
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY
 
@@ -75,7 +76,8 @@ class Segmenter(nn.Module):
     def _patch_logits(self, padded: Tensor) -> Tensor:
         tokens, state = self.encoder(padded)
         self._last_state = state
-        return self.decoder(tokens[:, state.num_prefix:], state)
+        with dynamic_length_attention(state.merged):
+            return self.decoder(tokens[:, state.num_prefix:], state)
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]

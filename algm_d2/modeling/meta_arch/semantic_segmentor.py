@@ -3,8 +3,10 @@
 ``model(batched_inputs)`` takes a list of dicts with ``"image"`` (uint8 ``[3, H, W]`` RGB), in training
 ``"sem_seg"`` (long ``[H, W]``, ignore 255), in inference ``"height"``/``"width"`` (the original size). Training
 returns ``{"loss_sem_seg": ...}`` (cross-entropy), or the net's own losses when it has ``losses(images, targets)``;
-inference returns ``[{"sem_seg": probabilities [K, height, width]}]``. Test-time
-inference is whole-image or sliding-window (the release's), optionally multi-scale and flipped.
+inference returns ``[{"sem_seg": probabilities [K, height, width]}]``; :meth:`SemanticSegmentor.predict_labels`
+(what the evaluation loop calls) returns ``[{"sem_seg_labels": long [height, width]}]``, their argmax, without the
+full-resolution probabilities where one view is enough (fused upsample + argmax). Test-time inference is whole-image
+or sliding-window (the release's), optionally multi-scale and flipped.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.upsample_argmax import upsample_argmax
 from ..registry import META_ARCH_REGISTRY
 
 TEST_MODES = ("whole", "slide")
@@ -35,11 +38,14 @@ class SemanticSegmentor(nn.Module):
         ignore_value: label excluded from the loss.
         test_mode: "whole" or "slide"; crop_size/stride/test_batch_size configure "slide" (crops per forward).
         test_scales: image scale factors at test time (results averaged), test_flip: also run the flipped image.
+        fused_labels: :meth:`predict_labels` of a single view resizes and takes the argmax in one pass (no
+            ``[K, H, W]`` probabilities); False computes them and takes their argmax.
     """
 
     def __init__(self, *, net: nn.Module, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  ignore_value: int = 255, test_mode: str = "whole", crop_size: int = 512, stride: int = 512,
-                 test_batch_size: int = 8, test_scales: Sequence[float] = (1.0,), test_flip: bool = False) -> None:
+                 test_batch_size: int = 8, test_scales: Sequence[float] = (1.0,), test_flip: bool = False,
+                 fused_labels: bool = True) -> None:
         super().__init__()
         if test_mode not in TEST_MODES:
             raise ValueError(f"TEST.MODE must be one of {TEST_MODES}, got {test_mode!r}")
@@ -55,6 +61,7 @@ class SemanticSegmentor(nn.Module):
         self.test_batch_size = test_batch_size
         self.test_scales = tuple(test_scales)
         self.test_flip = test_flip
+        self.fused_labels = fused_labels
         self._forward_stats: List[Dict[str, Any]] = []
 
     @classmethod
@@ -63,7 +70,7 @@ class SemanticSegmentor(nn.Module):
         return cls(net=net, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
                    ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, test_mode=cfg.TEST.MODE,
                    crop_size=cfg.TEST.CROP_SIZE, stride=cfg.TEST.STRIDE, test_batch_size=cfg.TEST.BATCH_SIZE,
-                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP)
+                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, fused_labels=cfg.TEST.FUSED_LABELS)
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +141,25 @@ class SemanticSegmentor(nn.Module):
                 total = probs if total is None else total + probs
                 runs += 1
         return total / runs
+
+    @torch.no_grad()
+    def predict_labels(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Tensor]]:
+        """``[{"sem_seg_labels": long [height, width]}]``: the argmax of what :meth:`forward` returns in inference."""
+        self._forward_stats = []
+        return [{"sem_seg_labels": self._labels(x["image"], (x.get("height"), x.get("width")))}
+                for x in batched_inputs]
+
+    def _labels(self, image: Tensor, output_size: Tuple[Optional[int], Optional[int]]) -> Tensor:
+        if not self.fused_labels or len(self.test_scales) != 1 or self.test_flip or self.test_scales[0] != 1.0:
+            return self.inference(image, output_size).argmax(0)
+        view = self._normalize(image)[None]
+        size = (output_size[0] or view.shape[-2], output_size[1] or view.shape[-1])
+        if self.test_mode == "whole" and tuple(view.shape[-2:]) == size and hasattr(self.net, "predict_labels"):
+            labels = self.net.predict_labels(view)  # fused at the network's own output resolution
+            self._record_stats()
+            return labels[0]
+        logits = self._slide(view) if self.test_mode == "slide" else self._run(view)
+        return upsample_argmax(logits.float(), size)[0]
 
     def _slide(self, image: Tensor) -> Tensor:
         """The release's sliding window: short side brought up to the crop, overlapping crop logits averaged."""
