@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from algm_d2 import ALGMConfig, apply_algm
 from algm_d2.merge import OFF, FixedLevel
-from algm_d2.modeling.backbone.block_graphs import bucket_rows, bucket_seqlen
+from algm_d2.modeling.backbone.block_graphs import SEQLEN_STEP, bucket_rows, bucket_seqlen
 
 PER_IMAGE = ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
                        batch_policy="per_image")
@@ -29,7 +29,7 @@ def test_row_buckets_cover_the_total_with_little_waste(total, per_octave):
     rows = bucket_rows(total, per_octave)
     assert total <= rows <= max(total + 15, total + total // per_octave)
     assert bucket_rows(rows, per_octave) == rows  # a bucket is its own bucket: totals inside it share one graph
-    assert bucket_seqlen(total) >= total and bucket_seqlen(total) % 128 == 0
+    assert bucket_seqlen(total) >= total and bucket_seqlen(total) % SEQLEN_STEP == 0
 
 
 def test_bucket_count_must_be_a_power_of_two():
@@ -64,10 +64,15 @@ def test_block_runs_through_static_buffers_equal_eager(name):
         model.use_cuda_graphs(True, capture=False)
         got = [model(images) for images in batches]
     kinds = {key[0] for key in model.block_graphs._graphs}
-    assert kinds == ({"packed_from_padded"} if name == "per_image" else {"dense"})
+    # thresholds (per image or batch minimum) run packed after a merge: bucketed graphs; fixed levels stay dense
+    packed = name in ("per_image", "batch_min")
+    if name == "batch_min":  # a batch whose stage merged nothing keeps its dense shape
+        assert "packed_from_padded" in kinds and kinds <= {"dense", "packed_from_padded"}
+    else:
+        assert kinds == ({"packed_from_padded"} if packed else {"dense"})
     # dense runs: the same ops on the same shapes, bit for bit; packed buckets have more rows (another GEMM blocking)
     # and pad attention to a longer sequence
-    tolerance = 1e-5 if name == "per_image" else 0.0
+    tolerance = 1e-5 if packed else 0.0
     for (tokens, state), (ref_tokens, ref_state) in zip(got, expected):
         torch.testing.assert_close(tokens, ref_tokens, rtol=tolerance, atol=tolerance)
         assert state.tokens_per_layer() == ref_state.tokens_per_layer()
@@ -131,8 +136,8 @@ def test_least_recently_used_graphs_are_dropped():
         model.use_cuda_graphs(True, max_graphs=1, capture=False)
         got = [model(images)[0] for images in batches]
     assert len(model.block_graphs) == 1
-    for tokens, ref_tokens in zip(got, expected):
-        torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=0)
+    for tokens, ref_tokens in zip(got, expected):  # packed after the merges: the varlen kernel's rounding
+        torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)
 
 
 def test_tokens_left_by_a_graph_run_survive_the_next_replay():

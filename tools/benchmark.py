@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark Segmenter with and without ALGM: images/s (repeat and mixed protocols), latency, memory, GFLOPs, tokens.
+"""Benchmark Segmenter with and without ALGM: images/s (repeat and mixed protocols, each call timed from before it to
+the synchronize after it, as the release times), latency, memory, GFLOPs, tokens.
 
 Examples:
-  # random-weight Seg-S at 512², batch 32, bf16, on the GPU (the paper's setting)
-  python tools/benchmark.py --variant small --device cuda --precision bf16 --output-dir output/bench
+  # random-weight Seg-S at 512², batch 32, bf16, on the GPU (the paper's setting), on your photos
+  python tools/benchmark.py --variant small --images photos/ --num-images 8 --device cuda --precision bf16 \
+      --output-dir output/bench
   # a released checkpoint on your own images
   python tools/benchmark.py --checkpoint seg_small_mask/checkpoint.pth --images my_images/ --device cuda
   # a quick CPU run anyone can reproduce
@@ -27,7 +29,8 @@ from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model  # 
 from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
 from algm_d2.evaluation import save_json  # noqa: E402
 from algm_d2.evaluation.benchmark import (  # noqa: E402
-    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, standard_settings,
+    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, fresh_mixed_batches,
+    standard_settings,
 )
 from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
 
@@ -64,14 +67,33 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="torch.compile mode for static-shape settings (default, max-autotune, reduce-overhead)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
-    parser.add_argument("--block-graphs", action="store_true",
-                        help="the encoder replays its runs of blocks between merges as CUDA graphs (every setting)")
-    parser.add_argument("--graph-buckets", type=int, default=64,
-                        help="with --block-graphs: row buckets per doubling of a per-image batch's packed total "
-                             "(the protocols repeat their batches: fine buckets cost no captures here)")
+    parser.add_argument("--no-block-graphs", action="store_true",
+                        help="turn off the encoder's CUDA graphs of the block runs between merges (on by default, "
+                             "as in the model)")
+    parser.add_argument("--graph-buckets", type=int, default=16,
+                        help="row buckets per doubling of a per-image batch's packed total (the model's default)")
+    parser.add_argument("--fresh-mixed", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed protocol on batches of distinct random crops (scale, offset, flip) of the "
+                             "images, each used once, as an evaluation sees them (default); --no-fresh-mixed "
+                             "cycles through the images themselves")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
+
+
+def random_crops(images: torch.Tensor, per_image: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``per_image`` crops of each image: rescaled by 1-1.6×, cut at a random offset, flipped half the time."""
+    generator = torch.Generator().manual_seed(seed)
+    crops = []
+    for image in images:
+        for _ in range(per_image):
+            scale = 1.0 + 0.6 * float(torch.rand((), generator=generator))
+            side = round(size * scale)
+            scaled = F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)
+            top, left = (int(torch.randint(0, side - size + 1, (), generator=generator)) for _ in range(2))
+            crop = scaled[..., top:top + size, left:left + size]
+            crops.append(crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop)
+    return torch.cat(crops)
 
 
 def load_images(source: str, count: int, size: int) -> torch.Tensor:
@@ -124,13 +146,18 @@ def main(argv=None) -> None:  # noqa: ANN001
     images = load_images(args.images, args.num_images, size)
     mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
+    mixed = None
+    if args.fresh_mixed and "mixed" in args.protocols:
+        crops = fresh_mixed_batches(args.warmup, args.iters, args.rounds) * args.batch_size
+        mixed = ((random_crops(images, -(-crops // len(images)), size) - mean) / std).to(device)
     images = ((images - mean) / std).to(device)
     net = net.to(device)
     report = benchmark_net(net, images, settings=settings, batch_size=args.batch_size, precision=args.precision,
                            protocols=args.protocols, warmup=args.warmup, iters=args.iters,
                            flops_images=args.flops_images, progress=sys.stderr.isatty(), output=args.output,
                            compile_mode=args.compile, rounds=args.rounds, cuda_graphs=args.cuda_graphs,
-                           block_graphs=args.block_graphs, graph_buckets=args.graph_buckets)
+                           block_graphs=not args.no_block_graphs and device.type == "cuda",
+                           graph_buckets=args.graph_buckets, mixed_images=mixed)
     if args.mfu:
         report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)

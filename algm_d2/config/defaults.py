@@ -76,7 +76,7 @@ def _model(cfg: CN) -> None:
     # Recompute block activations in the backward pass (saves memory).
     cfg.MODEL.BACKBONE.ACTIVATION_CHECKPOINTING = False
     # Inference on CUDA: replay each run of blocks between ALGM merges as a CUDA graph once its (bucketed) shape comes
-    # back; small models are bound by the host's launches. Costs GPU memory per captured shape (at most 64 graphs).
+    # back; small models are bound by the host's launches. Costs GPU memory per captured shape (at most 128 graphs).
     # Eval only (training runs eagerly; the CPU never captures); off under DeepSpeed ZeRO-3's partitioned parameters.
     cfg.MODEL.BACKBONE.CUDA_GRAPHS = True
     # Row buckets per doubling of a per-image batch's packed token total (a power of two): more pad fewer rows but

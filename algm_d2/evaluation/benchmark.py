@@ -51,14 +51,31 @@ def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: fl
     }
 
 
-def _batches(images: Tensor, batch_size: int, protocol: str) -> List[Tensor]:
-    """``repeat``: one batch per image, the image copied; ``mixed``: consecutive distinct images, cycling."""
+def _batches(images: Tensor, batch_size: int, protocol: str, mixed_images: Optional[Tensor] = None
+             ) -> List[Tensor]:
+    """``repeat``: one batch per image, the image copied; ``mixed``: consecutive distinct images of
+    ``mixed_images`` (default ``images``), cycling."""
     n = images.shape[0]
     if protocol == "repeat":
         return [images[i:i + 1].expand(batch_size, -1, -1, -1).contiguous() for i in range(n)]
+    images = images if mixed_images is None else mixed_images
+    n = images.shape[0]
     order = itertools.cycle(range(n))
     count = max(1, n // batch_size) if n >= batch_size else n
     return [images[[next(order) for _ in range(batch_size)]] for _ in range(count)]
+
+
+_STATS_BATCHES = 4  # batches of a fresh mixed pool the token statistics come from
+_HOST_CALLS = 5  # calls of _host_ms
+
+
+def fresh_mixed_batches(warmup: int, iters: int, rounds: int) -> int:
+    """Distinct mixed batches :func:`benchmark_net` uses with ``mixed_images``: every warm-up and timed call (and
+    the host-time and overlapped calls of the first round) gets a batch it has not seen, plus the statistics'."""
+    rounds = min(rounds, iters)
+    round_iters = -(-iters // rounds)
+    warmups = warmup + (rounds - 1) * max(1, warmup // rounds)
+    return warmups + rounds * round_iters + _HOST_CALLS + round_iters + _STATS_BATCHES
 
 
 def _token_summary(stats_per_batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -73,9 +90,7 @@ def _token_summary(stats_per_batch: Sequence[Mapping[str, Any]]) -> Dict[str, An
 def static_shapes(algm: ALGMConfig) -> bool:
     """Whether every forward at one input size has the same token counts (no data-dependent shapes): the plain
     model and fixed merge levels. Such settings compile to one graph and can be captured as CUDA graphs."""
-    rules = [r for r, active in ((algm.local_threshold, algm.local_active), (algm.global_threshold, algm.global_active))
-             if active]
-    return all(isinstance(rule, FixedLevel) for rule in rules)
+    return not algm.data_dependent
 
 
 def _graphed(forward: Callable[[Tensor], Any], example: Tensor) -> Callable[[Tensor], Any]:
@@ -106,7 +121,7 @@ def _whole_passes(calls: int, inputs: int) -> int:
     return -(-calls // inputs) * inputs
 
 
-def _host_ms(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> float:
+def _host_ms(fn: Callable[[], Any], device: torch.device, iters: int = _HOST_CALLS) -> float:
     """Median time the host takes to issue one call after a synchronize (for calls without host syncs: the launch
     cost; a call that takes longer to issue than the GPU takes to run it is bound by the CPU)."""
     times = []
@@ -125,19 +140,21 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                   precision: str = "bf16", protocols: Sequence[str] = PROTOCOLS, warmup: int = 50,
                   iters: int = 100, rounds: int = 5, latency: bool = True, flops_images: int = 4,
                   progress: bool = False, output: str = "logits", compile_mode: Optional[str] = None,
-                  cuda_graphs: bool = False, block_graphs: bool = False, graph_buckets: int = 64
-                  ) -> Dict[str, Any]:
+                  cuda_graphs: bool = False, block_graphs: Optional[bool] = None, graph_buckets: int = 16,
+                  mixed_images: Optional[Tensor] = None) -> Dict[str, Any]:
     """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
 
     ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
     (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
     "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
     ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
-    data-dependent token counts run eagerly either way (their merges sync with the host). ``block_graphs`` (CUDA only)
-    has the encoder replay its runs of blocks between merges as CUDA graphs in every setting (``use_cuda_graphs``;
-    inside a whole-forward graph or compile they run inline; ``graph_buckets``: row buckets per doubling of a packed
-    total, 64 by default as the protocols repeat their batches, so every bucket is captured once in the warm-up and
-    finer buckets pad fewer rows; an evaluation of ever new batches does better with the model's default of 16).
+    data-dependent token counts run eagerly either way (their merges sync with the host). ``block_graphs``: whether
+    the encoder replays its runs of blocks between merges as CUDA graphs (None: the model's own setting, on by
+    default; inside a whole-forward graph or compile they run inline; ``graph_buckets``: row buckets per doubling of
+    a packed total, the model's default 16). ``mixed_images``: a pool of distinct images for the mixed protocol,
+    each batch of which is used once per setting (as in an evaluation, no batch comes back: token counts and
+    shapes are new each call); it must hold :func:`fresh_mixed_batches` batches. Without it the mixed protocol
+    cycles through ``images``.
 
     Every timed call is wall clock from before the call to the synchronize after it (the release's protocol: the
     host work a call cannot overlap is counted); the first round also times back-to-back calls between CUDA events
@@ -166,15 +183,24 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         raise ValueError(f"need rounds >= 1 and iters >= 1, got rounds={rounds}, iters={iters}")
     rounds = min(rounds, iters)
     device = images.device
-    if (cuda_graphs or block_graphs) and device.type != "cuda":
-        raise ValueError(f"cuda_graphs and block_graphs need CUDA images, got device {device}")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
     dtype = PRECISIONS[precision]
     net.eval()
     results: Dict[str, Any] = {}
     runners: Dict[str, Callable[[Tensor], Any]] = {}
-    batches = {protocol: _batches(images, batch_size, protocol) for protocol in protocols}
+    batches = {protocol: _batches(images, batch_size, protocol, mixed_images) for protocol in protocols}
     round_iters = -(-iters // rounds)
+    fresh = mixed_images is not None and "mixed" in protocols
+    if fresh:
+        needed = fresh_mixed_batches(warmup, iters, rounds)
+        if len(batches["mixed"]) < needed:
+            raise ValueError(f"mixed_images: {len(batches['mixed'])} batches of {batch_size}, but warmup={warmup}, "
+                             f"iters={iters}, rounds={rounds} use {needed} distinct ones "
+                             f"({needed * batch_size} images)")
     own_graphs = net.encoder.block_graphs  # the model's own setting, restored at the end
+    if block_graphs is None:
+        block_graphs = own_graphs is not None
     net.encoder.use_cuda_graphs(block_graphs, buckets_per_octave=graph_buckets)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for name, algm in settings.items():
@@ -189,7 +215,9 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                                      "compiled": compile_mode if compiled else None, "cuda_graph": graphed}
             for protocol in protocols:
                 stats = []
-                for batch in batches[protocol]:
+                # fresh mixed batches: the stats come from the pool's last batches, which no timed call uses
+                for batch in batches[protocol][-_STATS_BATCHES:] if fresh and protocol == "mixed" \
+                        else batches[protocol]:
                     net(batch)
                     stats.append(net.merge_stats)
                 entry["protocols"][protocol] = {"tokens": _token_summary(stats)}
@@ -207,28 +235,38 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         captures = {"before_rounds": graphs.captures} if graphs is not None else None
         timings: Dict[Tuple[str, str], List[Dict[str, Any]]] = {key: [] for key in
                                                                  itertools.product(settings, protocols)}
+        # a fresh mixed batch is used once per setting: each setting walks the pool from its start
+        fresh_batches = {name: iter(batches["mixed"]) for name in settings} if fresh else {}
         for round_index in tqdm(range(rounds), desc="rounds", disable=not progress):
             for (name, protocol), measured in timings.items():
                 net.set_algm(settings[name])
                 inputs = len(batches[protocol])
-                cycle = itertools.cycle(batches[protocol])
+                round_warmup = warmup if round_index == 0 else max(1, warmup // rounds)
+                if fresh and protocol == "mixed":
+                    cycle = fresh_batches[name]
+                    round_warmup_calls, timed_calls = round_warmup, round_iters
+                else:
+                    # whole passes over the inputs, warm-up included: timed call j of every round runs input j % inputs
+                    cycle = itertools.cycle(batches[protocol])
+                    round_warmup_calls, timed_calls = (_whole_passes(round_warmup, inputs),
+                                                       _whole_passes(round_iters, inputs))
                 run = runners[name]
-                # whole passes over the inputs, warm-up included: timed call j of every round runs input j % inputs
                 measured.append(measure_throughput(
-                    lambda _: run(next(cycle)), None,
-                    warmup=_whole_passes(warmup if round_index == 0 else max(1, warmup // rounds), inputs),
-                    iters=_whole_passes(round_iters, inputs), device=device, batch_size=batch_size, progress=False,
-                    keep_times=True, overlapped=round_index == 0))
+                    lambda _: run(next(cycle)), None, warmup=round_warmup_calls, iters=timed_calls, device=device,
+                    batch_size=batch_size, progress=False, keep_times=True, overlapped=round_index == 0))
                 if round_index == 0:
                     results[name]["protocols"][protocol]["host_ms_per_batch"] = _host_ms(lambda: run(next(cycle)),
                                                                                          device)
         for (name, protocol), measured in timings.items():
             times = np.concatenate([m["ms_per_batch"] for m in measured])
             median_ms = float(np.median(times))
-            inputs = len(batches[protocol])
-            per_input = [float(np.median(np.concatenate([m["ms_per_batch"][i::inputs] for m in measured])))
-                         for i in range(inputs)]
-            input_mean_ms = float(np.mean(per_input))
+            if fresh and protocol == "mixed":  # every call a new batch: the median over all calls
+                per_input, input_mean_ms = [], median_ms
+            else:
+                inputs = len(batches[protocol])
+                per_input = [float(np.median(np.concatenate([m["ms_per_batch"][i::inputs] for m in measured])))
+                             for i in range(inputs)]
+                input_mean_ms = float(np.mean(per_input))
             peaks = [m["peak_memory_mb"] for m in measured if m["peak_memory_mb"] is not None]
             results[name]["protocols"][protocol].update({
                 "images_per_second": batch_size / (input_mean_ms / 1000.0) if input_mean_ms > 0 else float("inf"),

@@ -123,6 +123,14 @@ class ALGMConfig:
     def enabled(self) -> bool:
         return self.local_active or self.global_active
 
+    @property
+    def data_dependent(self) -> bool:
+        """Whether token counts depend on the images (an active stage with a threshold rule), so that sequence
+        lengths change from batch to batch; the plain model and fixed levels keep one shape per input size."""
+        return any(active and not isinstance(rule, FixedLevel)
+                   for rule, active in ((self.local_threshold, self.local_active),
+                                        (self.global_threshold, self.global_active)))
+
     def merges_at(self, layer: int) -> bool:
         """Whether a stage runs after the attention of 1-based ``layer``."""
         return (self.local_active and layer == self.local_layer) or (self.global_active and layer == self.global_layer)

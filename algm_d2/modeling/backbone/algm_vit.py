@@ -132,7 +132,7 @@ class ALGMViT(nn.Module):
                    activation_checkpointing=node.ACTIVATION_CHECKPOINTING, cuda_graphs=node.CUDA_GRAPHS,
                    cuda_graph_buckets=node.CUDA_GRAPH_BUCKETS)
 
-    def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 64, buckets_per_octave: int = 16,
+    def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 128, buckets_per_octave: int = 16,
                         capture: bool = True, capture_after: int = 2) -> None:
         """Turn the block-run CUDA graphs on (a fresh, empty :class:`BlockGraphs`) or off (frees them)."""
         self.block_graphs = (BlockGraphs(max_graphs=max_graphs, buckets_per_octave=buckets_per_octave,
@@ -263,7 +263,10 @@ class ALGMViT(nn.Module):
         previous = stream.state
         x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
         if stream.state is not previous:
-            stream.refresh_attention_inputs(x, self.num_prefix_tokens)
+            # with graphs on, a thresholded batch of equal counts (a batch-level policy) runs packed too: packed
+            # graphs are bucketed by size, where dense ones are keyed by an exact length that rarely comes back
+            stream.refresh_attention_inputs(x, self.num_prefix_tokens, pack_unpadded=stream.algm.data_dependent
+                                            and self._graphs_on(x, observer))
         packs = self._packs(stream, index, observer)  # the merged per-image batch: its MLP on valid tokens only
         if self._graphs_on(x, observer):
             stop = self._graph_run_end(stream, index + 1, end, observer, packs)
@@ -287,7 +290,7 @@ class ALGMViT(nn.Module):
         if graphs.partitioned is None:
             graphs.partitioned = any(hasattr(p, "ds_id") for p in self.parameters())
             if graphs.partitioned:
-                logger.info("block CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3)")
+                logger.warning("block CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3)")
         return not graphs.partitioned
 
     def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
@@ -377,8 +380,9 @@ class TokenStream:
         bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged; read it
             through :meth:`key_bias` (built on first use after a merge: packed blocks need none).
         grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
-        packable: a padded per-image batch whose total is known on the host: its valid tokens can run packed, at
-            the places :attr:`layout` gives (built on first use: a block graph builds its own).
+        packable: a merged batch whose total is known on the host, padded (per image) or, with graphs on, not: its
+            valid tokens can run packed, at the places :attr:`layout` gives (built on first use: a block graph
+            builds its own).
     """
 
     x: Tensor
@@ -405,11 +409,12 @@ class TokenStream:
             self.packed_layout = packed_layout_of(self.state)
         return self.packed_layout
 
-    def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
+    def refresh_attention_inputs(self, x: Tensor, num_prefix: int, pack_unpadded: bool = False) -> None:
         """Refresh what attention needs after a merge (``x``: the merged tokens): the RoPE at mean positions and,
-        on first use, the packed layout and the key bias."""
+        on first use, the packed layout and the key bias. ``pack_unpadded``: an unpadded merged batch is packable
+        too."""
         self.bias, self.bias_stale = None, True
-        self.packable = self.state.padded and self.state.total_tokens is not None
+        self.packable = (self.state.padded or pack_unpadded) and self.state.total_tokens is not None
         self.packed_layout = None
         if self.grid_rope is not None:
             self.phases = self.phases or RotaryPhases(self.grid_rope, self.state.grid_size)

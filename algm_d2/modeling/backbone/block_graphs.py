@@ -7,7 +7,7 @@ without a merge after it have no host sync and, for one input shape, a fixed seq
 captured once and replayed: one launch for the run. Token counts vary from batch to batch, so
 
 - packed runs (a per-image batch) are bucketed: the total is rounded up to 1/16 of its power of two (by default:
-  ≤ 6.25% extra rows, 16 buckets per doubling) and the longest image to a multiple of 128 (it only sizes the
+  ≤ 6.25% extra rows, 16 buckets per doubling) and the longest image to a multiple of 256 (it only sizes the
   attention grid and the padded input). The rows past the real total belong to no image: attention never reads them and every other op
   works row by row, so they are computed and dropped. After a merge the graph also builds the packed layout and packs
   the padded batch, so the host issues neither.
@@ -36,8 +36,9 @@ from ..ops.packed_layout import build_layout
 
 logger = logging.getLogger(__name__)
 
-# the longest image is rounded up to this for the attention grid (the Triton kernel's query block is 64)
-SEQLEN_STEP = 128
+# the longest image is rounded up to this for the attention grid (the Triton kernel's query block is 64; programs
+# past an image's end exit at once, so a coarse step costs little and keeps the number of graphs down)
+SEQLEN_STEP = 256
 
 
 def bucket_rows(total: int, per_octave: int = 16) -> int:
@@ -72,7 +73,7 @@ class BlockGraphs:
         capture_after: sightings of a key before it is captured (1: at once).
     """
 
-    def __init__(self, *, max_graphs: int = 64, buckets_per_octave: int = 16, capture: bool = True,
+    def __init__(self, *, max_graphs: int = 128, buckets_per_octave: int = 16, capture: bool = True,
                  capture_after: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
