@@ -30,7 +30,7 @@ from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
 from algm_d2.evaluation import save_json  # noqa: E402
 from algm_d2.evaluation.benchmark import (  # noqa: E402
     OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, fresh_mixed_batches,
-    standard_settings,
+    random_crops, standard_settings,
 )
 from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
 
@@ -79,21 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     return parser.parse_args(argv)
-
-
-def random_crops(images: torch.Tensor, per_image: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``per_image`` crops of each image: rescaled by 1-1.6×, cut at a random offset, flipped half the time."""
-    generator = torch.Generator().manual_seed(seed)
-    crops = []
-    for image in images:
-        for _ in range(per_image):
-            scale = 1.0 + 0.6 * float(torch.rand((), generator=generator))
-            side = round(size * scale)
-            scaled = F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)
-            top, left = (int(torch.randint(0, side - size + 1, (), generator=generator)) for _ in range(2))
-            crop = scaled[..., top:top + size, left:left + size]
-            crops.append(crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop)
-    return torch.cat(crops)
 
 
 def load_images(source: str, count: int, size: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 both stages scoring but merging nothing, fixed levels), random weights.
 
 Headline: wall clock per forward from before the call to the synchronize after it, every call (the release's
-protocol), on batches of distinct crops of real photos (``--images``; noise without), median over iterations. Per
+protocol), each call on a batch of crops it has not seen (random crops of the photos in ``--images``; noise
+without), median over iterations. Per
 setting also: ms per crop split into ViT blocks / adapter / pixel decoder / transformer decoder (CUDA events at the
 section boundaries, a second figure), GFLOPs per crop at the tokens the first batch keeps (fvcore multiply-adds,
 attention counted, by part), kept tokens and peak memory.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algm_d2.config import get_cfg  # noqa: E402
 from algm_d2.evaluation import count_gflops  # noqa: E402
+from algm_d2.evaluation.benchmark import random_crops  # noqa: E402
 from algm_d2.merge import OFF, ALGMConfig, FixedLevel  # noqa: E402
 from algm_d2.modeling import build_model  # noqa: E402
 from algm_d2.modeling.ops.msda import MSDeformAttn  # noqa: E402
@@ -143,6 +145,7 @@ def time_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], warmup: 
     with torch.no_grad(), autocast():
         for i in range(warmup):
             net(batches[i % len(batches)])
+        batches = batches[warmup:] if len(batches) > warmup else batches  # timed calls on batches not seen yet
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -221,11 +224,13 @@ def main(argv: List[str] = None) -> None:
     def autocast():  # noqa: ANN202
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    if args.images:
-        crops = load_crops(args.images, args.size, model.pixel_mean, model.pixel_std)
+    calls = args.warmup + args.iters
+    if args.images:  # every call a batch of crops never seen before, as in an evaluation
+        photos = load_crops(args.images, args.size, model.pixel_mean, model.pixel_std)
+        crops = random_crops(photos, -(-calls * args.batch // photos.shape[0]), args.size)
     else:
-        crops = torch.randn(max(8, args.batch), 3, args.size, args.size)
-    batches = [b.to(device) for b in mixed_batches(crops, args.batch, max(1, crops.shape[0]))]
+        crops = torch.randn(calls * args.batch, 3, args.size, args.size)
+    batches = [b.to(device) for b in mixed_batches(crops, args.batch, calls)]
     chosen = settings(cfg, net.backbone.depth, args.global_layer or 0)
     if args.settings:
         unknown = set(args.settings) - set(chosen)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -67,6 +68,22 @@ def _batches(images: Tensor, batch_size: int, protocol: str, mixed_images: Optio
 
 _STATS_BATCHES = 4  # batches of a fresh mixed pool the token statistics come from
 _HOST_CALLS = 5  # calls of _host_ms
+
+
+def random_crops(images: Tensor, per_image: int, size: int, seed: int = 0) -> Tensor:
+    """``per_image`` distinct ``size``² crops of each image ``[N, 3, H, W]`` (H, W >= size): rescaled by 1-1.6×, cut
+    at a random offset, flipped half the time (seeded): batches that differ as an evaluation's do."""
+    generator = torch.Generator().manual_seed(seed)
+    crops = []
+    for image in images:
+        for _ in range(per_image):
+            scale = 1.0 + 0.6 * float(torch.rand((), generator=generator))
+            side = round(min(image.shape[-2:]) * scale)
+            scaled = F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)
+            top, left = (int(torch.randint(0, side - size + 1, (), generator=generator)) for _ in range(2))
+            crop = scaled[..., top:top + size, left:left + size]
+            crops.append(crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop)
+    return torch.cat(crops)
 
 
 def fresh_mixed_batches(warmup: int, iters: int, rounds: int) -> int:

@@ -213,7 +213,8 @@ class BlockGraphs:
                 run(*inputs)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread-local capture: other threads' CUDA calls (a data loader pinning the next batch) are allowed
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 output = run(*inputs)
         self.captures += 1
         logger.debug("captured block graph %d (%d kept): inputs %s", self.captures, len(self._graphs) + 1,
