@@ -321,13 +321,7 @@ class ALGMViT(nn.Module):
         if merged is None and packed is not None:
             stream.x = stream.layout.unpack(packed)
         x = stream.x if merged is None else merged
-        run = self._dense_run(head, start, stop)
-        if stream.algm.data_dependent and stream.state.merged:
-            # an exact length the thresholds chose: it rarely comes back, and capturing it when it does costs more
-            # than the replays save (a large model is bound by the GPU anyway)
-            stream.x = run(x, stream.key_bias(x), stream.rope)
-            return None, False
-        stream.x = graphs.dense(key, run, x, stream.key_bias(x), stream.rope)
+        stream.x = graphs.dense(key, self._dense_run(head, start, stop), x, stream.key_bias(x), stream.rope)
         return None, True
 
     def _packed_run(self, head: Optional[int], start: int, stop: int
