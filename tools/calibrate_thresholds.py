@@ -41,8 +41,6 @@ def main(argv=None) -> None:  # noqa: ANN001
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg.MODEL.WEIGHTS)

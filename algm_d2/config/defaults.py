@@ -40,8 +40,9 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.META_ARCHITECTURE = "Segmenter"
     # Path to weights loaded after building (a released checkpoint or one of ours); "" = none.
     cfg.MODEL.WEIGHTS = ""
-    # Device to build the model on ("cpu", "cuda"); train_net picks the local GPU when launched on one.
-    cfg.MODEL.DEVICE = "cuda"
+    # Device to build the model on: "auto" (cuda when a GPU is visible, else cpu), "cpu" or "cuda"; train_net picks
+    # the local GPU when launched on one.
+    cfg.MODEL.DEVICE = "auto"
     # Per-channel mean and std of input pixels in RGB order, 0-255 scale (Segmenter "vit": 0.5/0.5 of 255).
     cfg.MODEL.PIXEL_MEAN = [127.5, 127.5, 127.5]
     cfg.MODEL.PIXEL_STD = [127.5, 127.5, 127.5]
@@ -311,6 +312,15 @@ def _test(cfg: CN) -> None:
     cfg.TEST.TIMER_WARMUP_BATCHES = 5
     # Collect per-block token counts during evaluation (models that report merge_stats).
     cfg.TEST.MERGE_STATS = True
+
+
+def resolve_device(name: str) -> str:
+    """MODEL.DEVICE with "auto" replaced by "cuda" when a GPU is visible, else "cpu"."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_cfg() -> CN:

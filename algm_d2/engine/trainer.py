@@ -24,12 +24,13 @@ from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_train_loader
 from ..modeling import build_model
 from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
-from .defaults import get_rank, get_world_size
+from .defaults import EVAL_ONLY_DIR, get_rank, get_world_size
 from .evaluation import evaluate
 from .events import EventWriter
 from .lr_schedule import WarmupLRScheduler
 from .optim import build_optimizer
 from .rng import preserved_rng, set_rng_state
+from .runtime import import_deepspeed, without_shm_comm_op
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,6 +87,30 @@ def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
     return last / MODEL_FILE
 
 
+def eval_only_config(cfg) -> Tuple[Any, Path]:  # noqa: ANN001 - a CfgNode
+    """(the config ``--eval-only`` evaluates with, the weights it evaluates): OUTPUT_DIR moved to OUTPUT_DIR/eval so
+    that the training run's inference/results.json stays as it is."""
+    weights = eval_weights(cfg)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / EVAL_ONLY_DIR)
+    cfg.freeze()
+    return cfg, weights
+
+
+def warn_if_random_init(cfg) -> None:  # noqa: ANN001 - a CfgNode
+    """Warn loudly when a run on real data starts from random weights (neither MODEL.WEIGHTS nor
+    MODEL.BACKBONE.PRETRAINED): the paper's models start from ImageNet-pretrained ViTs. The demo data
+    (``demo_*``) is meant to be learned from scratch."""
+    if cfg.MODEL.WEIGHTS or cfg.MODEL.BACKBONE.PRETRAINED:
+        return
+    real = [name for name in cfg.DATASETS.TRAIN if not name.startswith("demo_")]
+    if real:
+        logger.warning("TRAINING FROM RANDOM WEIGHTS on %s: neither MODEL.WEIGHTS nor MODEL.BACKBONE.PRETRAINED is "
+                       "set. The paper's models start from ImageNet-pretrained ViTs: pass MODEL.BACKBONE.PRETRAINED "
+                       "<timm ViT weights> (docs/TRAINING.md, 'Weights')", ", ".join(real))
+
+
 class Trainer:
     """Builds the model, optimizer, lr scheduler and DeepSpeed engine from ``cfg``; :meth:`train` runs to
     SOLVER.MAX_ITER. With ``resume`` it continues from OUTPUT_DIR's last checkpoint exactly (iteration, weights,
@@ -95,8 +120,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, *, resume: bool = False) -> None:  # noqa: ANN001 - a CfgNode
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.cfg = cfg
         solver = cfg.SOLVER
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -105,6 +129,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world_size)
         model = self.build_model(cfg)
         if not (resume and last_checkpoint(checkpoint_dir) is not None):
+            warn_if_random_init(cfg)
             if cfg.MODEL.BACKBONE.PRETRAINED:
                 load_pretrained_vit(model.net.backbone, cfg.MODEL.BACKBONE.PRETRAINED)
             if cfg.MODEL.WEIGHTS:
@@ -115,9 +140,10 @@ class Trainer:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [torch.nn.MultiheadAttention])
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
-            config=ds_config)
+        with without_shm_comm_op():
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
+                config=ds_config)
         self.checkpointer = TrainingCheckpointer(self.engine, checkpoint_dir,
                                                  max_to_keep=solver.MAX_CHECKPOINTS_TO_KEEP)
         self.accum_steps = solver.GRAD_ACCUM_STEPS
@@ -179,6 +205,12 @@ class Trainer:
         """Train from ``start_iter`` to SOLVER.MAX_ITER; returns the last evaluation's results ({} when none)."""
         cfg, solver = self.cfg, self.cfg.SOLVER
         max_iter = solver.MAX_ITER
+        if self.start_iter >= max_iter:
+            logger.info("training is finished: the checkpoint of %s is at iteration %d of SOLVER.MAX_ITER %d; nothing "
+                        "to train. Evaluate it with --eval-only, or raise SOLVER.MAX_ITER to train on",
+                        self.output_dir, self.start_iter, max_iter)
+            self.events.close()
+            return {}
         logger.info("training iterations %d..%d: %d images per step (%d processes x %d accumulation steps x %d "
                     "images), ZeRO stage %d, %s", self.start_iter + 1, max_iter, solver.IMS_PER_BATCH, self.world_size,
                     self.accum_steps, self.engine.train_micro_batch_size_per_gpu(), cfg.DEEPSPEED.ZERO_STAGE,
