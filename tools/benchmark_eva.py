@@ -7,7 +7,7 @@ kept tokens and peak memory.
 
   python tools/benchmark_eva.py --config-file configs/ade20k/eva.yaml --device cuda --precision bf16 --out eva.json
   # the same code path on a tiny model, on the CPU
-  python tools/benchmark_eva.py --config-file configs/demo/eva_tiny.yaml --device cpu --size 128 --iters 2
+  python tools/benchmark_eva.py --config-file configs/demo/eva_tiny_algm.yaml --device cpu --size 128 --iters 2
 """
 from __future__ import annotations
 
@@ -169,8 +169,13 @@ def main(argv: List[str] = None) -> None:
     def autocast():  # noqa: ANN202
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     global_layer = args.global_layer or cfg.MODEL.ALGM.GLOBAL_LAYER
+    depth = cfg.MODEL.BACKBONE.DEPTH
+    if not 1 <= cfg.MODEL.ALGM.LOCAL_LAYER < global_layer <= depth:  # checked before the baseline is timed
+        parser.error(f"MODEL.ALGM.LOCAL_LAYER {cfg.MODEL.ALGM.LOCAL_LAYER} and the GBM layer {global_layer} "
+                     f"(--global-layer or MODEL.ALGM.GLOBAL_LAYER) must satisfy 1 <= local < global <= "
+                     f"MODEL.BACKBONE.DEPTH ({depth}) in {args.config_file}")
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     report: Dict[str, Any] = {"config_file": args.config_file, "precision": args.precision, "size": args.size,
                               "batch": args.batch, "device": torch.cuda.get_device_name() if device.type == "cuda"
                               else "cpu", "command": " ".join(sys.argv), "results": {}}

@@ -21,7 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_model_weights, load_pretrained_vit
-from ..data import build_train_loader
+from ..data import build_test_loader, build_train_loader, get_metadata
+from ..evaluation.visualize import prediction_panels
 from ..modeling import build_model
 from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
 from .defaults import EVAL_ONLY_DIR, get_rank, get_world_size
@@ -85,6 +86,17 @@ def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
         raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS is empty and {checkpoint_dir} has no checkpoint; pass "
                                 "MODEL.WEIGHTS <file> (a released checkpoint or a model_final.pth)")
     return last / MODEL_FILE
+
+
+def evaluation_scalars(result: Dict[str, Any]) -> Dict[str, float]:
+    """The numbers of one dataset's evaluation that go to metrics.json and TensorBoard: mIoU, fwIoU, mACC, pACC,
+    images/s and the share of patch tokens kept after each ALGM layer."""
+    scalars = {key: result["sem_seg"][key] for key in ("mIoU", "fwIoU", "mACC", "pACC")}
+    if result.get("speed", {}).get("images_per_second") is not None:
+        scalars["images_per_second"] = result["speed"]["images_per_second"]
+    for entry in result.get("tokens", {}).get("algm_layers", {}).values():
+        scalars[f"tokens_kept_after_layer_{entry['layer']}"] = entry["kept_ratio"]
+    return scalars
 
 
 def eval_only_config(cfg) -> Tuple[Any, Path]:  # noqa: ANN001 - a CfgNode
@@ -321,10 +333,26 @@ class Trainer:
         """Evaluate on DATASETS.TEST; the training run's generators are left as they were."""
         with preserved_rng():
             results = evaluate(self._eval_cfg(), self.model, gathered_parameters=self.gathered_parameters)
-        for name, result in results.items():
-            metrics = {key: result["sem_seg"][key] for key in ("mIoU", "fwIoU", "mACC", "pACC")}
-            self.events.write({"iteration": step, "dataset": name, **metrics}, group=f"eval/{name}")
+            for name, result in results.items():
+                self.events.write({"iteration": step, "dataset": name, **evaluation_scalars(result)},
+                                  group=f"eval/{name}")
+                self._write_prediction_images(name, step)
         return results
+
+    def _write_prediction_images(self, dataset: str, step: int) -> None:
+        """TEST.TENSORBOARD_IMAGES panels (input | ground truth | prediction) of ``dataset``'s first images."""
+        count = self.cfg.TEST.TENSORBOARD_IMAGES
+        if count <= 0:
+            return
+        metadata = get_metadata(dataset)
+        panels = []
+        with self.gathered_parameters():  # collective under ZeRO-3: every rank enters, rank 0 predicts
+            if self.rank == 0:
+                loader = build_test_loader(self.cfg, dataset, rank=0, world_size=1, num_workers=0)
+                panels = prediction_panels(self.model, loader, num_images=count, colors=metadata.stuff_colors,
+                                           ignore_label=metadata.ignore_label)
+        for index, panel in enumerate(panels):
+            self.events.write_image(f"eval/{dataset}/prediction_{index}", panel, step)
 
     def _log(self, step: int, window: List[Dict[str, float]], seconds_per_iter: float, data_time: float, *,
              eta_seconds: float) -> None:
@@ -345,7 +373,7 @@ class Trainer:
         losses = dict(zip(names, values.cpu().tolist()))
         record = {"iteration": step, "total_loss": sum(losses.values()), **losses,
                   "lr": self.last_lr, "time": seconds_per_iter, "data_time": data_time,
-                  "eta_seconds": eta_seconds}
+                  "images_per_second": self.cfg.SOLVER.IMS_PER_BATCH / seconds_per_iter, "eta_seconds": eta_seconds}
         if on_cuda:
             record["max_mem_mb"] = float(peak)
         self.events.write(record, group="train")

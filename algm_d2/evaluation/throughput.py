@@ -29,8 +29,8 @@ def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
 
 def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 10, iters: int = 50,
                        device: Union[str, torch.device, None] = None, batch_size: Optional[int] = None,
-                       progress: Optional[bool] = None, grad: bool = False, keep_times: bool = False
-                       ) -> Dict[str, Any]:
+                       progress: Optional[bool] = None, grad: bool = False, keep_times: bool = False,
+                       desc: str = "throughput") -> Dict[str, Any]:
     """Time ``fn(inputs)``: ``warmup`` untimed calls, then ``iters`` timed ones, under ``torch.no_grad()`` unless
     ``grad``. The release's protocol is one batch of 32 copies of one image.
 
@@ -38,7 +38,7 @@ def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 1
     tensor input or the length of a list. Returns {"device", "batch_size", "iters", "warmup", "images_per_second"
     (batch size / median batch time), "ms_per_batch_mean", "ms_per_batch_median", "ms_per_batch_p90",
     "ms_per_image", "peak_memory_mb" (CUDA: peak allocated during the timed calls; None on CPU)}, and with
-    ``keep_times`` "ms_per_batch" (every timed call, in order).
+    ``keep_times`` "ms_per_batch" (every timed call, in order). ``desc`` labels the progress bar (name the setting).
     """
     if iters <= 0 or warmup < 0:
         raise ValueError(f"measure_throughput: need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
@@ -61,7 +61,7 @@ def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 1
             torch.cuda.reset_peak_memory_stats(device)
         batch_ms: List[float] = []
         events = []
-        for _ in tqdm(range(iters), desc="throughput", disable=not show_progress):
+        for _ in tqdm(range(iters), desc=desc, disable=not show_progress):
             if on_cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
