@@ -38,6 +38,8 @@ EXTERNAL = ("pip", "cd", "unzip", "tar", "export", "tensorboard", "srun", "deeps
 SHORT_TRAIN = ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.LOG_PERIOD", "1",
                "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST_MAX_IMAGES", "4", "TEST.FLOPS_NUM_IMAGES", "1",
                "TEST.TIMER_WARMUP_BATCHES", "1", "TEST.TENSORBOARD_IMAGES", "1"]
+# datasets/README.md's script that registers a dataset from Python and runs train_net.py's main
+RECIPE = "my_train_net.py"
 SHORT_TOOL = {"benchmark_eva.py": ["--warmup", "0", "--iters", "1", "--no-flops"]}
 
 
@@ -102,6 +104,8 @@ def classify(command: str) -> Tuple[str, str, List[str]]:
         if script is None:  # a mention of the launcher's flags, not a command
             return "external", first, []
         return "train_net", words[script], words[script + 1:]
+    if first == "python" and words[1] == RECIPE:
+        return "recipe", RECIPE, words[2:]
     if first == "python":
         program = words[1]
         return ("train_net" if program == "train_net.py" else "tool"), program, words[2:]
@@ -258,3 +262,29 @@ def test_cheap_tool_commands_run(tmp_path, monkeypatch, where, command):
                                          for a in concrete_argv(argv)), *SHORT_TOOL["benchmark_eva.py"]])
     report = json.loads((tmp_path / "benchmark_eva.json").read_text())
     assert set(report["results"]) == {"baseline", "algm_25_30", "algm_50_50"}
+
+
+def test_dataset_registered_from_python_trains_through_train_net(tmp_path):
+    """datasets/README.md's my_train_net.py, as written, on a generated image and label map in place of /data/my."""
+    import numpy as np
+    from PIL import Image
+
+    text = (ROOT / "datasets" / "README.md").read_text()
+    (script,) = [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                 if block.startswith(f"# {RECIPE}")]
+    (command,) = [command for _, command in by_kind("recipe")]
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / "img_0001.jpg")
+    Image.fromarray(rng.integers(0, 3, (64, 64), dtype=np.uint8)).save(data / "lbl_0001.png")
+    (tmp_path / RECIPE).write_text(script.replace("/data/my", str(data)))
+    _, _, argv = classify(command)
+    short = ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1", "DATALOADER.NUM_WORKERS", "0",
+             "INPUT.CROP_SIZE", "(64, 64)", "INPUT.IMAGE_SCALE", "(128, 64)"]
+    result = subprocess.run([sys.executable, str(tmp_path / RECIPE), *concrete_argv(argv), *short, "OUTPUT_DIR",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "training data: my_train, 1 records" in (tmp_path / "out" / "log.txt").read_text()
+    assert (tmp_path / "out" / "model_final.pth").is_file()
