@@ -57,7 +57,7 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def error_line(err: BaseException) -> str:
-    """``<program>: error: <message>`` on one line (a KeyError's message without the quotes repr adds)."""
+    """``error: <message>`` on one line (a KeyError's message without the quotes repr adds)."""
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return f"error: {' '.join(str(message).split())}"
 
@@ -73,7 +73,8 @@ def run_with_short_errors(main_func: Callable[..., Any], *args: Any) -> Any:
     except Exception as err:  # noqa: BLE001 - filtered just below
         if not is_user_error(err):
             raise
-        line = f"{error_line(err)} (traceback: {TRACEBACK_ENV}=1)"
+        spawned = type(err).__name__ == "ProcessExitedException"
+        line = f"{error_line(err)}{'; its error is above' if spawned else ''} (traceback: {TRACEBACK_ENV}=1)"
         if logging.getLogger().handlers:
             logging.getLogger("algm_d2").error(line)
         else:
