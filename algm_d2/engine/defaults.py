@@ -12,13 +12,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import CfgNode, get_cfg, resolve_device
 from ..cli import EPILOG, default_argument_parser  # noqa: F401 - part of this module's API
+from ..config import CfgNode, get_cfg, resolve_device
 from .runtime import local_processes, set_cpu_threads
 
 logger = logging.getLogger(__name__)
 # --eval-only writes its config and results under OUTPUT_DIR/<this>, leaving the training run's files as they are.
 EVAL_ONLY_DIR = "eval"
+
 
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
