@@ -160,6 +160,13 @@ def main(argv: List[str] = None) -> None:
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(["MODEL.DEVICE", args.device] + list(args.opts))
+    global_layer = args.global_layer or cfg.MODEL.ALGM.GLOBAL_LAYER
+    depth = cfg.MODEL.BACKBONE.DEPTH
+    local_layer = cfg.MODEL.ALGM.LOCAL_LAYER
+    if local_layer is None or global_layer is None or not 1 <= local_layer < global_layer <= depth:  # before building
+        parser.error(f"MODEL.ALGM.LOCAL_LAYER {local_layer} and the GBM layer {global_layer} "
+                     f"(--global-layer or MODEL.ALGM.GLOBAL_LAYER) must satisfy 1 <= local < global <= "
+                     f"MODEL.BACKBONE.DEPTH ({depth}) in {args.config_file}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device):  # initialise the 1.3 B parameters where they live
@@ -169,12 +176,6 @@ def main(argv: List[str] = None) -> None:
     def autocast():  # noqa: ANN202
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    global_layer = args.global_layer or cfg.MODEL.ALGM.GLOBAL_LAYER
-    depth = cfg.MODEL.BACKBONE.DEPTH
-    if not 1 <= cfg.MODEL.ALGM.LOCAL_LAYER < global_layer <= depth:  # checked before the baseline is timed
-        parser.error(f"MODEL.ALGM.LOCAL_LAYER {cfg.MODEL.ALGM.LOCAL_LAYER} and the GBM layer {global_layer} "
-                     f"(--global-layer or MODEL.ALGM.GLOBAL_LAYER) must satisfy 1 <= local < global <= "
-                     f"MODEL.BACKBONE.DEPTH ({depth}) in {args.config_file}")
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     report: Dict[str, Any] = {"config_file": args.config_file, "precision": args.precision, "size": args.size,
                               "batch": args.batch, "device": torch.cuda.get_device_name() if device.type == "cuda"
