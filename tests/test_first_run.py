@@ -241,3 +241,17 @@ def test_throughput_progress_names_its_setting(capsys):
     measure_throughput(lambda _: None, None, warmup=0, iters=2, device="cpu", batch_size=1, progress=True,
                        desc="algm_per_image: latency")
     assert "algm_per_image: latency" in capsys.readouterr().err
+
+
+def test_benchmark_eva_checks_its_layers_before_building(capsys):
+    """eva_tiny.yaml has 4 blocks and the default GBM layer 5: the tool stops at once, naming the keys."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_eva_tool", ROOT / "tools" / "benchmark_eva.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as end:
+        tool.main(["--config-file", str(ROOT / "configs/demo/eva_tiny.yaml"), "--device", "cpu", "--size", "128"])
+    assert end.value.code == 2
+    err = capsys.readouterr().err
+    assert "the GBM layer 5 (--global-layer or MODEL.ALGM.GLOBAL_LAYER)" in err and "MODEL.BACKBONE.DEPTH (4)" in err
