@@ -1,8 +1,18 @@
 """algm_d2: ALGM token merging for plain-ViT semantic segmentation, detectron2-style."""
-from .merge import ALGMConfig, FixedLevel, MergeState
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["ALGMConfig", "FixedLevel", "MergeState", "apply_algm", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """ALGMConfig, FixedLevel and MergeState load torch on first use, so ``import algm_d2.<module>`` for a command
+    line's ``--help`` stays fast."""
+    if name in ("ALGMConfig", "FixedLevel", "MergeState"):
+        from . import merge
+
+        return getattr(merge, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def apply_algm(model, config=None, **kwargs):  # noqa: ANN001, ANN003, ANN201 - typed in modeling.backbone.algm_vit

@@ -16,16 +16,13 @@ import logging
 import os
 from typing import List, Optional
 
-from algm_d2.data.catalog import dataset_root
-from algm_d2.data.prepare import ConvertLabel, ade20k_remap, file_jobs, run_jobs
-from algm_d2.data.readers import read_sem_seg
 
 logger = logging.getLogger("prepare_ade20k")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=dataset_root(), help="dataset root holding ADEChallengeData2016/ "
+    parser.add_argument("--root", default=None, help="dataset root holding ADEChallengeData2016/ "
                         "(default: $ALGM_DATASETS or ./datasets)")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: convert in this process)")
     return parser.parse_args(argv)
@@ -33,6 +30,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    # imported after parsing, so that --help answers without loading torch
+    from algm_d2.data.catalog import dataset_root
+    from algm_d2.data.prepare import ConvertLabel, ade20k_remap, file_jobs, run_jobs
+    from algm_d2.data.readers import read_sem_seg
+
+    args.root = args.root or dataset_root()
     base = os.path.join(args.root, "ADEChallengeData2016")
     convert = ConvertLabel(reader=read_sem_seg, remap=ade20k_remap())
     for split in ("training", "validation"):

@@ -21,9 +21,6 @@ import logging
 import os
 from typing import Callable, List, Optional, Tuple
 
-from algm_d2.data.catalog import dataset_root
-from algm_d2.data.prepare import ConvertLabel, cityscapes_remap, file_jobs, run_jobs
-from algm_d2.data.readers import read_sem_seg
 
 logger = logging.getLogger("prepare_cityscapes")
 
@@ -48,7 +45,7 @@ def render_train_ids(job: Tuple[str, str]) -> None:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=dataset_root(), help="dataset root holding cityscapes/ "
+    parser.add_argument("--root", default=None, help="dataset root holding cityscapes/ "
                         "(default: $ALGM_DATASETS or ./datasets)")
     parser.add_argument("--from", dest="source", choices=sorted(SOURCE_SUFFIX), default="polygons",
                         help="render the polygons (cityscapesscripts) or remap the labelIds PNGs")
@@ -59,6 +56,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    # imported after parsing, so that --help answers without loading torch
+    from algm_d2.data.catalog import dataset_root
+    from algm_d2.data.prepare import ConvertLabel, cityscapes_remap, file_jobs, run_jobs
+    from algm_d2.data.readers import read_sem_seg
+
+    args.root = args.root or dataset_root()
     if args.source == "polygons":
         json2label_img()  # fail before listing files when the package is missing
     function = render_train_ids if args.source == "polygons" else ConvertLabel(reader=read_sem_seg,

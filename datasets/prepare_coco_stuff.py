@@ -17,16 +17,13 @@ import logging
 import os
 from typing import List, Optional
 
-from algm_d2.data.catalog import dataset_root
-from algm_d2.data.prepare import ConvertLabel, coco_stuff_remap, file_jobs, run_jobs
-from algm_d2.data.readers import read_sem_seg
 
 logger = logging.getLogger("prepare_coco_stuff")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=dataset_root(), help="dataset root holding coco/ "
+    parser.add_argument("--root", default=None, help="dataset root holding coco/ "
                         "(default: $ALGM_DATASETS or ./datasets)")
     parser.add_argument("--input-dir", default="coco/stuffthingmaps",
                         help="folder of the official stuffthingmaps, relative to --root")
@@ -36,6 +33,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    # imported after parsing, so that --help answers without loading torch
+    from algm_d2.data.catalog import dataset_root
+    from algm_d2.data.prepare import ConvertLabel, coco_stuff_remap, file_jobs, run_jobs
+    from algm_d2.data.readers import read_sem_seg
+
+    args.root = args.root or dataset_root()
     convert = ConvertLabel(reader=read_sem_seg, remap=coco_stuff_remap())
     for split in ("train2017", "val2017"):
         output = os.path.join(args.root, "coco", "stuffthingmaps_detectron2", split)

@@ -22,9 +22,6 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from algm_d2.data.catalog import dataset_root
-from algm_d2.data.folders import read_lines
-from algm_d2.data.prepare import ConvertLabel, pascal_context_59_remap, read_pascal_context_mat, run_jobs
 
 logger = logging.getLogger("prepare_pcontext")
 
@@ -32,6 +29,8 @@ VOC2010 = os.path.join("VOCdevkit", "VOC2010")
 
 
 def split_ids(voc_dir: str, split: str) -> List[str]:
+    from algm_d2.data.folders import read_lines
+
     return read_lines(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC2010 split list")
 
 
@@ -48,7 +47,7 @@ def split_jobs(voc_dir: str, context_dir: str, split: str) -> List[Tuple[str, st
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=dataset_root(), help="dataset root holding VOCdevkit/ "
+    parser.add_argument("--root", default=None, help="dataset root holding VOCdevkit/ "
                         "(default: $ALGM_DATASETS or ./datasets)")
     parser.add_argument("--context-dir", default=None,
                         help="folder of the PASCAL-Context .mat files (default: <root>/VOCdevkit/VOC2010/trainval)")
@@ -58,6 +57,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    # imported after parsing, so that --help answers without loading torch
+    from algm_d2.data.catalog import dataset_root
+    from algm_d2.data.prepare import ConvertLabel, pascal_context_59_remap, read_pascal_context_mat, run_jobs
+
+    args.root = args.root or dataset_root()
     voc_dir = os.path.join(args.root, VOC2010)
     context_dir = args.context_dir or os.path.join(voc_dir, "trainval")
     if not os.path.isdir(context_dir):

@@ -251,7 +251,7 @@ def test_eval_only_through_train_net_with_a_checkpoint_in_evas_layout(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-    report = json.loads((tmp_path / "out" / "inference" / "results.json").read_text())["demo_shapes_val"]
+    report = json.loads((tmp_path / "out" / "eval" / "inference" / "results.json").read_text())["demo_shapes_val"]
     assert 0 <= report["sem_seg"]["mIoU"] <= 100
     assert report["tokens"]["algm_layers"]["global"]["kept_ratio"] < 1
 

@@ -59,10 +59,19 @@ def test_train_then_eval_only_then_resume(tmp_path):
     assert 0 <= first["sem_seg"]["mIoU"] <= 100 and first["speed"]["images_per_second"] > 0
     assert 0 < first["tokens"]["algm_layers"]["global"]["kept_ratio"] <= 1 and first["flops"]["gflops_per_image"] > 0
 
-    # --eval-only without MODEL.WEIGHTS evaluates the last checkpoint of OUTPUT_DIR: the same numbers
-    out = run(["--eval-only", *CONFIG, *SMALL], trained).stdout
+    # --eval-only without MODEL.WEIGHTS evaluates the last checkpoint of OUTPUT_DIR: the same numbers, written
+    # under OUTPUT_DIR/eval; the training run's config.yaml and results.json stay as they were
+    training_files = {name: (trained / name).read_bytes() for name in ("config.yaml", "inference/results.json")}
+    out = run(["--eval-only", *CONFIG, *SMALL, "TEST.COMPUTE_FLOPS", "False"], trained).stdout
     assert "| demo_shapes_val |" in out and "tokens kept after layer 3" in out
-    assert results(trained)["sem_seg"]["mIoU"] == pytest.approx(first["sem_seg"]["mIoU"], abs=1e-6)
+    assert results(trained / "eval")["sem_seg"]["mIoU"] == pytest.approx(first["sem_seg"]["mIoU"], abs=1e-6)
+    assert {name: (trained / name).read_bytes() for name in training_files} == training_files
+    assert "COMPUTE_FLOPS: false" in (trained / "eval" / "config.yaml").read_text()
+
+    # --resume of the finished run says so and trains nothing
+    out = run(["--resume", *CONFIG, *SMALL, *NO_EVAL, "SOLVER.MAX_ITER", "4"], trained).stdout
+    assert "training is finished" in out and "iteration 4 of SOLVER.MAX_ITER 4" in out
+    assert "training iterations" not in out and sorted(losses(trained)) == [1, 2, 3, 4]
 
     # --resume from the iteration-2 checkpoint (copied into a new OUTPUT_DIR) ends with the same weights
     resumed = tmp_path / "resumed"

@@ -214,6 +214,13 @@ def main(argv: List[str] = None) -> None:
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(["MODEL.DEVICE", args.device] + list(args.opts))
+    global_layer = args.global_layer or cfg.MODEL.ALGM.GLOBAL_LAYER
+    depth = cfg.MODEL.BACKBONE.DEPTH
+    local_layer = cfg.MODEL.ALGM.LOCAL_LAYER
+    if local_layer is None or global_layer is None or not 1 <= local_layer < global_layer <= depth:  # before building
+        parser.error(f"MODEL.ALGM.LOCAL_LAYER {local_layer} and the GBM layer {global_layer} "
+                     f"(--global-layer or MODEL.ALGM.GLOBAL_LAYER) must satisfy 1 <= local < global <= "
+                     f"MODEL.BACKBONE.DEPTH ({depth}) in {args.config_file}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device):  # initialise the 1.3 B parameters where they live
@@ -231,7 +238,7 @@ def main(argv: List[str] = None) -> None:
     else:
         crops = torch.randn(calls * args.batch, 3, args.size, args.size)
     batches = [b.to(device) for b in mixed_batches(crops, args.batch, calls)]
-    chosen = settings(cfg, net.backbone.depth, args.global_layer or 0)
+    chosen = settings(cfg, net.backbone.depth, global_layer)
     if args.settings:
         unknown = set(args.settings) - set(chosen)
         if unknown:

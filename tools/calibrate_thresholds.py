@@ -15,16 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.checkpoint import load_model_weights  # noqa: E402
-from algm_d2.config import get_cfg  # noqa: E402
-from algm_d2.data import build_train_loader  # noqa: E402
-from algm_d2.evaluation import save_json  # noqa: E402
-from algm_d2.modeling import build_model  # noqa: E402
-from algm_d2.modeling.calibration import calibrate_thresholds  # noqa: E402
+logger = logging.getLogger("calibrate_thresholds")
+# which similarities τ = μ + σ summarises (paper Sec. 3.3: "the cosine similarities between all token pairs")
+PAIRS = ("cosine similarity of every ordered pair (i, j), i != j, of one image's patch tokens (class/prefix tokens "
+         "excluded) right after the layer's attention residual, pooled over all images; the base model, merging off")
 
 
 def main(argv=None) -> None:  # noqa: ANN001
@@ -38,14 +34,24 @@ def main(argv=None) -> None:  # noqa: ANN001
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    import torch
+
+    from algm_d2.checkpoint import load_model_weights
+    from algm_d2.config import get_cfg
+    from algm_d2.data import build_train_loader
+    from algm_d2.evaluation import save_json
+    from algm_d2.modeling import build_model
+    from algm_d2.modeling.calibration import calibrate_thresholds
+
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: calibrating randomly initialised weights, whose tokens are nearly "
+                       "alike; the paper calibrates the trained base model")
     backbone = model.net.backbone
     layers = [layer for layer in (cfg.MODEL.ALGM.LOCAL_LAYER, cfg.MODEL.ALGM.GLOBAL_LAYER) if layer is not None]
     if args.all_layers:
@@ -59,6 +65,12 @@ def main(argv=None) -> None:  # noqa: ANN001
 
     result = calibrate_thresholds(backbone, batches(), layers, max_images=args.num_images)
     result["config_file"] = args.config_file
+    result["pairs"] = PAIRS
+    for layer, stats in result["layers"].items():
+        if stats["threshold"] >= 1.0:
+            logger.warning("layer %s: τ = μ + σ = %.4f + %.4f = %.4f >= 1 is above every cosine similarity; with "
+                           "MODEL.ALGM.CALIBRATION_FILE a stage at this layer would merge nothing, so that file is "
+                           "refused for it", layer, stats["mean"], stats["std"], stats["threshold"])
     save_json(args.output, result)
     print(json.dumps(result, indent=1))  # the CLI's result
 

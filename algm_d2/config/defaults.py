@@ -40,8 +40,9 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.META_ARCHITECTURE = "Segmenter"
     # Path to weights loaded after building (a released checkpoint or one of ours); "" = none.
     cfg.MODEL.WEIGHTS = ""
-    # Device to build the model on ("cpu", "cuda"); train_net picks the local GPU when launched on one.
-    cfg.MODEL.DEVICE = "cuda"
+    # Device to build the model on: "auto" (cuda when a GPU is visible, else cpu), "cpu" or "cuda"; train_net picks
+    # the local GPU when launched on one.
+    cfg.MODEL.DEVICE = "auto"
     # Per-channel mean and std of input pixels in RGB order, 0-255 scale (Segmenter "vit": 0.5/0.5 of 255).
     cfg.MODEL.PIXEL_MEAN = [127.5, 127.5, 127.5]
     cfg.MODEL.PIXEL_STD = [127.5, 127.5, 127.5]
@@ -198,6 +199,8 @@ def _datasets(cfg: CN) -> None:
     # concatenated (same classes required); each TEST dataset is evaluated on its own.
     cfg.DATASETS.TRAIN = ()
     cfg.DATASETS.TEST = ()
+    # Evaluate only the first N images of each TEST dataset (a quick look); 0 = all of them.
+    cfg.DATASETS.TEST_MAX_IMAGES = 0
     # Folder datasets registered at start-up: NAMES[i] pairs IMAGE_DIRS[i]/<stem>IMAGE_EXT with
     # MASK_DIRS[i]/<stem>MASK_EXT (label values 0..K-1 or IGNORE_LABEL); CLASSES_FILE lists the K class names, one
     # per line. Use the names in DATASETS.TRAIN / TEST.
@@ -314,6 +317,18 @@ def _test(cfg: CN) -> None:
     cfg.TEST.TIMER_WARMUP_BATCHES = 5
     # Collect per-block token counts during evaluation (models that report merge_stats).
     cfg.TEST.MERGE_STATS = True
+    # Evaluations during training write this many validation images (input | ground truth | prediction) to
+    # TensorBoard, the first ones of each DATASETS.TEST; 0 = none.
+    cfg.TEST.TENSORBOARD_IMAGES = 3
+
+
+def resolve_device(name: str) -> str:
+    """MODEL.DEVICE with "auto" replaced by "cuda" when a GPU is visible, else "cpu"."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_cfg() -> CN:

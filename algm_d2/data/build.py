@@ -259,6 +259,12 @@ def build_test_loader(cfg, dataset_name: str, mapper: Optional[Mapper] = None, *
     _check_against_model(cfg, [dataset_name])
     rank, world_size = resolve_rank(rank, world_size)
     records = get_dataset_dicts(dataset_name)
+    if cfg.DATASETS.TEST_MAX_IMAGES < 0:
+        raise ValueError(f"DATASETS.TEST_MAX_IMAGES must be >= 0 (0 = all images), got {cfg.DATASETS.TEST_MAX_IMAGES}")
+    if 0 < cfg.DATASETS.TEST_MAX_IMAGES < len(records):
+        logger.info("%s: evaluating the first %d of %d images (DATASETS.TEST_MAX_IMAGES)", dataset_name,
+                    cfg.DATASETS.TEST_MAX_IMAGES, len(records))
+        records = records[: cfg.DATASETS.TEST_MAX_IMAGES]
     seed = resolve_seed(cfg.SEED)
     num_workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
     if mapper is None:

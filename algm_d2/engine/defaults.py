@@ -12,42 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import CfgNode, get_cfg
+from ..cli import EPILOG, default_argument_parser  # noqa: F401 - part of this module's API
+from ..config import CfgNode, get_cfg, resolve_device
+from .runtime import local_processes, set_cpu_threads
 
 logger = logging.getLogger(__name__)
-
-EPILOG = """Examples:
-  one process:       train_net.py --config-file configs/demo/segmenter_tiny_algm.yaml
-  8 GPUs:            train_net.py --num-gpus 8 --config-file cfg.yaml
-  2 machines:        (machine 0) train_net.py --num-gpus 8 --num-machines 2 --machine-rank 0 \\
-                         --dist-url tcp://<machine 0 address>:29500 --config-file cfg.yaml
-                     (machine 1) the same with --machine-rank 1
-  evaluate:          train_net.py --eval-only --config-file cfg.yaml MODEL.WEIGHTS model_final.pth
-  torchrun, deepspeed launcher, srun: see docs/LAUNCH.md
-"""
-
-
-def default_argument_parser(epilog: str = EPILOG) -> argparse.ArgumentParser:
-    """detectron2's flags: --config-file, --resume, --eval-only, --num-gpus, --num-machines, --machine-rank,
-    --dist-url, then KEY VALUE config overrides."""
-    parser = argparse.ArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to a YAML config (with _BASE_)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR's last checkpoint (iteration, optimizer, scheduler, RNG, data "
-                             "order); without a checkpoint, start from MODEL.WEIGHTS")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="evaluate MODEL.WEIGHTS, or OUTPUT_DIR's last checkpoint when MODEL.WEIGHTS is empty")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes)")
-    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (0..num_machines-1)")
-    parser.add_argument("--dist-url", default="auto",
-                        help="rendezvous of rank 0: 'auto' (a free local port, one machine), 'env://' "
-                             "(MASTER_ADDR/MASTER_PORT) or tcp://HOST:PORT of machine 0")
-    # The deepspeed launcher (and torch.distributed.launch) append --local_rank=N; the rank is read from LOCAL_RANK.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                        help="KEY VALUE pairs overriding the config, e.g. SOLVER.BASE_LR 0.01")
-    return parser
+# --eval-only writes its config and results under OUTPUT_DIR/<this>, leaving the training run's files as they are.
+EVAL_ONLY_DIR = "eval"
 
 
 def get_rank() -> int:
@@ -82,13 +53,18 @@ def setup_logging(output_dir: str, rank: int) -> None:
 
 
 def load_config(args: argparse.Namespace) -> CfgNode:
-    """get_cfg() + --config-file + KEY VALUE overrides (not frozen, no side effects)."""
+    """get_cfg() + --config-file + KEY VALUE overrides, MODEL.DEVICE "auto" resolved (not frozen, no side
+    effects)."""
     cfg = get_cfg()
     if args.config_file:
         if not Path(args.config_file).is_file():
             raise FileNotFoundError(f"--config-file {args.config_file}: no such file")
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible; pass MODEL.DEVICE cpu (or "
+                         "auto)")
     return cfg
 
 
@@ -100,21 +76,23 @@ def distributed_backend(cfg: CfgNode) -> str:
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
-    """The frozen config of this run; OUTPUT_DIR created with the merged config.yaml (rank 0), logging to the
-    console and OUTPUT_DIR/log.txt, generators seeded with SEED + rank (SEED < 0: a random seed)."""
+    """The frozen config of this run; OUTPUT_DIR created with the merged config.yaml (rank 0; under ``--eval-only``
+    OUTPUT_DIR/eval/config.yaml, so a training run's config stays), logging to the console and OUTPUT_DIR/log.txt,
+    CPU threads per process set, generators seeded with SEED + rank (SEED < 0: a random seed)."""
     cfg = load_config(args)
-    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("MODEL.DEVICE is 'cuda' but no GPU is visible; pass MODEL.DEVICE cpu")
     cfg.freeze()
     rank = get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logging(cfg.OUTPUT_DIR, rank)
     logger.info("rank %d of %d processes%s", rank, get_world_size(),
                 f" ({dist.get_backend()})" if dist.is_available() and dist.is_initialized() else "")
+    set_cpu_threads(local_processes(os.environ))
     if rank == 0:
-        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
+        config_dir = Path(cfg.OUTPUT_DIR) / (EVAL_ONLY_DIR if getattr(args, "eval_only", False) else "")
+        config_dir.mkdir(parents=True, exist_ok=True)
+        (config_dir / "config.yaml").write_text(cfg.dump())
         logger.info("command line: %s", " ".join(sys.argv))
-        logger.info("full config saved to %s", Path(cfg.OUTPUT_DIR) / "config.yaml")
+        logger.info("full config saved to %s", config_dir / "config.yaml")
     seed = cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31)
     seed_everything(seed + rank)
     return cfg

@@ -30,6 +30,12 @@ class EventWriter:
                 self._tensorboard.add_scalar(f"{group}/{name}", value, step)
         self._tensorboard.flush()
 
+    def write_image(self, tag: str, image: Any, step: int) -> None:
+        """A uint8 ``[3, H, W]`` image to TensorBoard (not to metrics.json)."""
+        if self.enabled:
+            self._tensorboard.add_image(tag, image, step)
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

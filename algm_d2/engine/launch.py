@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import torch
 import torch.multiprocessing as mp
 
+from .runtime import import_deepspeed, without_shm_comm_op
+
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
 BACKENDS = ("nccl", "gloo")
@@ -95,14 +97,13 @@ def master_from_url(dist_url: Optional[str], num_machines: int) -> Tuple[str, in
 
 def init_distributed(env: Mapping[str, str], backend: str) -> None:
     """Export ``env`` and join the process group through DeepSpeed's env:// rendezvous."""
-    import deepspeed
-
     if backend not in BACKENDS:
         raise ValueError(f"distributed backend must be one of {BACKENDS}, got {backend!r} (DEEPSPEED.BACKEND)")
     os.environ.update(env)
     if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with without_shm_comm_op():
+        import_deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     logger.info("rank %s of %s joined (%s, rank 0 at %s:%s)", env["RANK"], env["WORLD_SIZE"], backend,
                 env["MASTER_ADDR"], env["MASTER_PORT"])
 

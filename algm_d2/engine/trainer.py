@@ -21,15 +21,17 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_model_weights, load_pretrained_vit
-from ..data import build_train_loader
+from ..data import build_test_loader, build_train_loader, get_metadata
+from ..evaluation.visualize import prediction_panels
 from ..modeling import build_model
 from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
-from .defaults import get_rank, get_world_size
+from .defaults import EVAL_ONLY_DIR, get_rank, get_world_size
 from .evaluation import evaluate
 from .events import EventWriter
 from .lr_schedule import WarmupLRScheduler
 from .optim import build_optimizer
 from .rng import preserved_rng, set_rng_state
+from .runtime import import_deepspeed, without_shm_comm_op
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,6 +88,41 @@ def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
     return last / MODEL_FILE
 
 
+def evaluation_scalars(result: Dict[str, Any]) -> Dict[str, float]:
+    """The numbers of one dataset's evaluation that go to metrics.json and TensorBoard: mIoU, fwIoU, mACC, pACC,
+    images/s and the share of patch tokens kept after each ALGM layer."""
+    scalars = {key: result["sem_seg"][key] for key in ("mIoU", "fwIoU", "mACC", "pACC")}
+    if result.get("speed", {}).get("images_per_second") is not None:
+        scalars["images_per_second"] = result["speed"]["images_per_second"]
+    for entry in result.get("tokens", {}).get("algm_layers", {}).values():
+        scalars[f"tokens_kept_after_layer_{entry['layer']}"] = entry["kept_ratio"]
+    return scalars
+
+
+def eval_only_config(cfg) -> Tuple[Any, Path]:  # noqa: ANN001 - a CfgNode
+    """(the config ``--eval-only`` evaluates with, the weights it evaluates): OUTPUT_DIR moved to OUTPUT_DIR/eval so
+    that the training run's inference/results.json stays as it is."""
+    weights = eval_weights(cfg)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / EVAL_ONLY_DIR)
+    cfg.freeze()
+    return cfg, weights
+
+
+def warn_if_random_init(cfg) -> None:  # noqa: ANN001 - a CfgNode
+    """Warn loudly when a run on real data starts from random weights (neither MODEL.WEIGHTS nor
+    MODEL.BACKBONE.PRETRAINED): the paper's models start from ImageNet-pretrained ViTs. The demo data
+    (``demo_*``) is meant to be learned from scratch."""
+    if cfg.MODEL.WEIGHTS or cfg.MODEL.BACKBONE.PRETRAINED:
+        return
+    real = [name for name in cfg.DATASETS.TRAIN if not name.startswith("demo_")]
+    if real:
+        logger.warning("TRAINING FROM RANDOM WEIGHTS on %s: neither MODEL.WEIGHTS nor MODEL.BACKBONE.PRETRAINED is "
+                       "set. The paper's models start from ImageNet-pretrained ViTs: pass MODEL.BACKBONE.PRETRAINED "
+                       "<timm ViT weights> (docs/TRAINING.md, 'Weights')", ", ".join(real))
+
+
 class Trainer:
     """Builds the model, optimizer, lr scheduler and DeepSpeed engine from ``cfg``; :meth:`train` runs to
     SOLVER.MAX_ITER. With ``resume`` it continues from OUTPUT_DIR's last checkpoint exactly (iteration, weights,
@@ -95,8 +132,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, *, resume: bool = False) -> None:  # noqa: ANN001 - a CfgNode
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.cfg = cfg
         solver = cfg.SOLVER
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -105,6 +141,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world_size)
         model = self.build_model(cfg)
         if not (resume and last_checkpoint(checkpoint_dir) is not None):
+            warn_if_random_init(cfg)
             if cfg.MODEL.BACKBONE.PRETRAINED:
                 load_pretrained_vit(model.net.backbone, cfg.MODEL.BACKBONE.PRETRAINED)
             if cfg.MODEL.WEIGHTS:
@@ -115,9 +152,10 @@ class Trainer:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [torch.nn.MultiheadAttention])
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
-            config=ds_config)
+        with without_shm_comm_op():
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=WarmupLRScheduler.from_config(cfg, optimizer),
+                config=ds_config)
         self.checkpointer = TrainingCheckpointer(self.engine, checkpoint_dir,
                                                  max_to_keep=solver.MAX_CHECKPOINTS_TO_KEEP)
         self.accum_steps = solver.GRAD_ACCUM_STEPS
@@ -179,6 +217,12 @@ class Trainer:
         """Train from ``start_iter`` to SOLVER.MAX_ITER; returns the last evaluation's results ({} when none)."""
         cfg, solver = self.cfg, self.cfg.SOLVER
         max_iter = solver.MAX_ITER
+        if self.start_iter >= max_iter:
+            logger.info("training is finished: the checkpoint of %s is at iteration %d of SOLVER.MAX_ITER %d; nothing "
+                        "to train. Evaluate it with --eval-only, or raise SOLVER.MAX_ITER to train on",
+                        self.output_dir, self.start_iter, max_iter)
+            self.events.close()
+            return {}
         logger.info("training iterations %d..%d: %d images per step (%d processes x %d accumulation steps x %d "
                     "images), ZeRO stage %d, %s", self.start_iter + 1, max_iter, solver.IMS_PER_BATCH, self.world_size,
                     self.accum_steps, self.engine.train_micro_batch_size_per_gpu(), cfg.DEEPSPEED.ZERO_STAGE,
@@ -289,10 +333,26 @@ class Trainer:
         """Evaluate on DATASETS.TEST; the training run's generators are left as they were."""
         with preserved_rng():
             results = evaluate(self._eval_cfg(), self.model, gathered_parameters=self.gathered_parameters)
-        for name, result in results.items():
-            metrics = {key: result["sem_seg"][key] for key in ("mIoU", "fwIoU", "mACC", "pACC")}
-            self.events.write({"iteration": step, "dataset": name, **metrics}, group=f"eval/{name}")
+            for name, result in results.items():
+                self.events.write({"iteration": step, "dataset": name, **evaluation_scalars(result)},
+                                  group=f"eval/{name}")
+                self._write_prediction_images(name, step)
         return results
+
+    def _write_prediction_images(self, dataset: str, step: int) -> None:
+        """TEST.TENSORBOARD_IMAGES panels (input | ground truth | prediction) of ``dataset``'s first images."""
+        count = self.cfg.TEST.TENSORBOARD_IMAGES
+        if count <= 0:
+            return
+        metadata = get_metadata(dataset)
+        panels = []
+        with self.gathered_parameters():  # collective under ZeRO-3: every rank enters, rank 0 predicts
+            if self.rank == 0:
+                loader = build_test_loader(self.cfg, dataset, rank=0, world_size=1, num_workers=0)
+                panels = prediction_panels(self.model, loader, num_images=count, colors=metadata.stuff_colors,
+                                           ignore_label=metadata.ignore_label)
+        for index, panel in enumerate(panels):
+            self.events.write_image(f"eval/{dataset}/prediction_{index}", panel, step)
 
     def _log(self, step: int, window: List[Dict[str, float]], seconds_per_iter: float, data_time: float, *,
              eta_seconds: float) -> None:
@@ -313,7 +373,7 @@ class Trainer:
         losses = dict(zip(names, values.cpu().tolist()))
         record = {"iteration": step, "total_loss": sum(losses.values()), **losses,
                   "lr": self.last_lr, "time": seconds_per_iter, "data_time": data_time,
-                  "eta_seconds": eta_seconds}
+                  "images_per_second": self.cfg.SOLVER.IMS_PER_BATCH / seconds_per_iter, "eta_seconds": eta_seconds}
         if on_cuda:
             record["max_mem_mb"] = float(peak)
         self.events.write(record, group="train")

@@ -242,10 +242,10 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                 singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
                 # Warm up on every image at least once: token counts (shapes) differ per image, and a shape's
                 # first run is not the steady state.
-                entry["latency_ms"] = measure_throughput(lambda _: forward(next(singles)), None,
-                                                         warmup=max(warmup // 5, 2 * images.shape[0]),
-                                                         iters=max(iters // 2, 1), device=device,
-                                                         batch_size=1)["ms_per_batch_median"]
+                entry["latency_ms"] = measure_throughput(
+                    lambda _: forward(next(singles)), None, warmup=max(warmup // 5, 2 * images.shape[0]),
+                    iters=max(iters // 2, 1), device=device, batch_size=1,
+                    desc=f"{name}: latency")["ms_per_batch_median"]
             runners[name] = _graphed(forward, batches[protocols[0]][0]) if graphed else forward
             results[name] = entry
         graphs = net.encoder.block_graphs
@@ -254,8 +254,10 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                                                                  itertools.product(settings, protocols)}
         # a fresh mixed batch is used once per setting: each setting walks the pool from its start
         fresh_batches = {name: iter(batches["mixed"]) for name in settings} if fresh else {}
-        for round_index in tqdm(range(rounds), desc="rounds", disable=not progress):
+        bar = tqdm(range(rounds), desc="rounds", disable=not progress)
+        for round_index in bar:
             for (name, protocol), measured in timings.items():
+                bar.set_postfix_str(f"timing {name} / {protocol}")  # the setting this line's time is spent on
                 net.set_algm(settings[name])
                 inputs = len(batches[protocol])
                 round_warmup = warmup if round_index == 0 else max(1, warmup // rounds)

@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 FLOP_COUNT_BACKENDS = ("fvcore", "torch")
 
-# Ops that cost 0 MACs in fvcore's convention (elementwise, reductions, data movement, indexing); fvcore's own
-# ignore list covers shape ops, these are the rest a ViT with token merging traces to.
+# Ops that cost 0 MACs in fvcore's convention (elementwise, reductions, data movement, indexing; resolve_conj and
+# resolve_neg are the no-op views a traced matmul of real tensors emits); fvcore's own ignore list covers shape ops,
+# these are the rest a ViT with token merging traces to.
 _ZERO_MAC_OPS = frozenset("aten::" + name for name in (
     "abs", "add", "add_", "alias", "all", "amax", "amin", "any", "argmax", "argmin", "argsort", "bucketize",
     "clamp_max", "clamp_min", "clone", "cos", "cumsum", "div", "div_", "dropout_", "embedding", "empty_like", "erf",
@@ -45,10 +46,10 @@ _ZERO_MAC_OPS = frozenset("aten::" + name for name in (
     "leaky_relu", "lift_fresh", "linalg_norm", "linalg_vector_norm", "log", "log_softmax", "logical_and",
     "logical_not", "logical_or", "lt", "masked_fill_", "masked_scatter", "masked_select", "max_pool2d", "maximum",
     "mean", "meshgrid", "min", "minimum", "movedim", "mul", "mul_", "ne", "neg", "new_ones", "norm", "one_hot",
-    "ones_like", "pad", "pow", "reciprocal", "repeat", "repeat_interleave", "rsqrt", "rsub", "scatter", "scatter_",
-    "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "searchsorted", "sigmoid", "sigmoid_", "silu",
-    "silu_", "sin", "softmax", "sort", "sqrt", "square", "std", "sub", "sub_", "sum", "take_along_dim", "tanh", "topk",
-    "unflatten", "unique_consecutive", "var", "view_as", "where",
+    "ones_like", "pad", "pow", "reciprocal", "repeat", "repeat_interleave", "resolve_conj", "resolve_neg", "rsqrt",
+    "rsub", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "searchsorted",
+    "sigmoid", "sigmoid_", "silu", "silu_", "sin", "softmax", "sort", "sqrt", "square", "std", "sub", "sub_", "sum",
+    "take_along_dim", "tanh", "topk", "unflatten", "unique_consecutive", "var", "view_as", "where",
 ))
 
 # The fused attention ops whose first three arguments are q [..., Nq, d], k [..., Nk, d], v [..., Nk, d_v].

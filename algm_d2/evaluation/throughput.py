@@ -37,7 +37,7 @@ def _synchronize(device: torch.device) -> None:
 def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 10, iters: int = 50,
                        device: Union[str, torch.device, None] = None, batch_size: Optional[int] = None,
                        progress: Optional[bool] = None, grad: bool = False, keep_times: bool = False,
-                       overlapped: bool = False) -> Dict[str, Any]:
+                       overlapped: bool = False, desc: str = "throughput") -> Dict[str, Any]:
     """Time ``fn(inputs)``: ``warmup`` untimed calls, then ``iters`` timed ones, under ``torch.no_grad()`` unless
     ``grad``. The release's protocol is one batch of 32 copies of one image.
 
@@ -47,7 +47,7 @@ def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 1
     "ms_per_image", "peak_memory_mb" (CUDA: peak allocated during the timed calls; None on CPU)}, and with
     ``keep_times`` "ms_per_batch" (every timed call, in order). With ``overlapped`` on CUDA, ``iters`` more calls
     run back to back between CUDA events: "overlapped_ms_per_batch_median" and "overlapped_images_per_second" (GPU
-    time; host work that the queue hides is not counted).
+    time; host work that the queue hides is not counted). ``desc`` labels the progress bar (name the setting).
     """
     if iters <= 0 or warmup < 0:
         raise ValueError(f"measure_throughput: need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
@@ -69,7 +69,7 @@ def measure_throughput(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 1
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         batch_ms: List[float] = []
-        for _ in tqdm(range(iters), desc="throughput", disable=not show_progress):
+        for _ in tqdm(range(iters), desc=desc, disable=not show_progress):
             start_s = time.perf_counter()
             fn(inputs)
             _synchronize(device)

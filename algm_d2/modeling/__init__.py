@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import resolve_device
 from .backbone.algm_vit import ALGMViT, apply_algm
 from .backbone.build import SEGMENTER_VARIANTS, algm_config_from_cfg, build_eva, build_segmenter_vit
 from .backbone.vit_adapter import ViTAdapter
@@ -25,4 +26,4 @@ __all__ = [
 def build_model(cfg) -> SemanticSegmentor:  # noqa: ANN001 - a CfgNode
     """The model MODEL.* describes, on MODEL.DEVICE, in training mode (detectron2's ``build_model``)."""
     model = SemanticSegmentor.from_config(cfg)
-    return model.to(torch.device(cfg.MODEL.DEVICE))
+    return model.to(torch.device(resolve_device(cfg.MODEL.DEVICE)))

@@ -5,6 +5,7 @@ Every model is built from sizes, never downloaded; released weights load afterwa
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from typing import Any, Dict
 
@@ -17,6 +18,7 @@ from torch import nn
 from ...merge import OFF, ALGMConfig
 from ..heads.segmenter_heads import init_segmenter_weights
 
+logger = logging.getLogger(__name__)
 ARCHS = ("vit", "deit_distilled", "eva01", "eva02")
 
 # Segmenter's ViT variants (the release's config.yml); all use MLP ratio 4 and patch 16.
@@ -55,14 +57,27 @@ def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
               "batch_policy": "BATCH_POLICY", "prop_attn": "PROP_ATTN"}
     values = {name: node[key] for name, key in fields.items()}
     values["window"] = tuple(values["window"])
+    sources = {stage: f"MODEL.ALGM.{fields[stage + '_threshold']}" for stage in ("local", "global")}
     if node.CALIBRATION_FILE:
-        values.update(calibrated_thresholds(node.CALIBRATION_FILE, values))
+        calibrated = calibrated_thresholds(node.CALIBRATION_FILE, values)
+        values.update(calibrated)
+        sources.update({name.split("_")[0]: f"calibrated, {node.CALIBRATION_FILE}" for name in calibrated})
     try:
-        return ALGMConfig(**values)
+        algm = ALGMConfig(**values)
     except ValueError as err:
         field = str(err).split(" ")[0].rstrip(":")
         key = fields.get(field)
         raise ValueError(f"MODEL.ALGM.{key}: {err}" if key else f"MODEL.ALGM: {err}") from None
+    for stage in ("local", "global"):
+        rule = getattr(algm, f"{stage}_threshold")
+        if getattr(algm, f"{stage}_active") and isinstance(rule, float) and rule >= 1.0:
+            logger.warning("%s = %s >= 1: no cosine similarity reaches it, so this stage merges nothing (switch a "
+                           "stage off with null instead)", sources[stage], rule)
+    logger.info("ALGM thresholds: %s; batch policy %s", "; ".join(
+        f"{name} after layer {getattr(algm, stage + '_layer')}: {getattr(algm, stage + '_threshold')} "
+        f"({sources[stage]})" if getattr(algm, f"{stage}_active") else f"{name} off"
+        for stage, name in (("local", "CLAP"), ("global", "GBM"))), algm.batch_policy)
+    return algm
 
 
 def calibrated_thresholds(path: str, values: Dict[str, Any]) -> Dict[str, float]:
@@ -80,7 +95,13 @@ def calibrated_thresholds(path: str, values: Dict[str, Any]) -> Dict[str, float]
         if str(layer) not in layers:
             raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {path} has no threshold for layer {layer} "
                              f"(it has layers {sorted(layers)})")
-        updates[f"{stage}_threshold"] = float(layers[str(layer)]["threshold"])
+        threshold = float(layers[str(layer)]["threshold"])
+        if threshold >= 1.0:
+            raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {path} gives layer {layer} the threshold {threshold:.4f} "
+                             "(mean + std of its token similarities) >= 1, above every cosine similarity: that stage "
+                             "would merge nothing. Calibrate a trained model (MODEL.WEIGHTS), or set "
+                             f"MODEL.ALGM.{stage.upper()}_THRESHOLD yourself and drop MODEL.ALGM.CALIBRATION_FILE")
+        updates[f"{stage}_threshold"] = threshold
     return updates
 
 
