@@ -19,6 +19,7 @@ from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
 from ..modeling.backbone.build import build_segmenter_vit
 from ..modeling.meta_arch.segmenter import Segmenter
+from .safe_load import UnreadableCheckpointError, UnsafeCheckpointError, load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,19 @@ def read_state_dict(path: Union[str, Path], *, weights_only: bool = True) -> Dic
     ``weights_only=True`` (default) refuses pickled code; pass False only for files you trust.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # noqa: BLE001 - torch raises several types; name the file and the option
-        hint = " (it holds non-tensor objects: pass weights_only=False if you trust the file)" if weights_only else ""
-        raise ValueError(f"{path}: cannot be read as a checkpoint{hint}: {err}") from err
+    if weights_only:
+        try:
+            data = load_checked(path)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{err}. If you trust where the file came from, the Python loaders take "
+                                        "weights_only=False") from None
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - torch raises several types; name the file
+            raise UnreadableCheckpointError(f"{path}: cannot be read as a checkpoint: {err}") from err
     for key in ("model", "state_dict", "module"):
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]

@@ -20,12 +20,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.safe_load import load_checked
 from .defaults import get_rank
 from .rng import rng_state
 
@@ -38,6 +39,30 @@ TAG_PREFIX = "iter_"
 
 class IncompleteCheckpointError(RuntimeError):
     """A checkpoint folder lacks its manifest or a file it lists."""
+
+
+def deepspeed_checkpoint_classes() -> List[type]:
+    """The only classes, besides tensors and plain containers, that DeepSpeed's files of this trainer pickle: the
+    loss scaler and ZeRO stage (ZeRO optimizer states) and bf16 ZeRO's parameter fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """Stands in for a DeepSpeed checkpoint engine while a checkpoint is read: DeepSpeed's own ``load`` unpickles
+    with ``weights_only=False``; this one loads with the allow-list above and refuses any other file, naming it."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001 - a DeepSpeed CheckpointEngine
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_checked(path, allowed_globals=deepspeed_checkpoint_classes(), map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def _barrier() -> None:
@@ -85,6 +110,12 @@ def verify_checkpoint(directory: Path) -> Dict[str, int]:
             found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
             raise IncompleteCheckpointError(f"{path} is {found}, but {manifest_path} lists {size} bytes")
     return files
+
+
+def write_manifest(directory: Path, iteration: int) -> None:
+    """``directory/manifest.json``: the iteration and every file of the folder with its size."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(directory / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
@@ -158,8 +189,7 @@ class TrainingCheckpointer:
         save_model_weights(self.engine, directory / MODEL_FILE)
         _barrier()
         if rank == 0:
-            files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
-            atomic_write_text(directory / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
+            write_manifest(directory, iteration)
             atomic_write_text(self.checkpoint_dir / POINTER, tag)
             self._prune(iteration)
             logger.info("saved checkpoint %s", directory)
@@ -189,9 +219,14 @@ class TrainingCheckpointer:
         if not state_path.is_file():
             raise FileNotFoundError(f"{state_path} does not exist: {directory} was written by fewer processes; resume "
                                     "with the number of processes that wrote it")
-        state = torch.load(state_path, weights_only=True)
-        load_path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=directory.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = load_checked(state_path)
+        deepspeed_loads = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _WeightsOnlyLoads(deepspeed_loads)
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=directory.name,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            self.engine.checkpoint_engine = deepspeed_loads
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
         logger.info("resumed from %s (iteration %d)", directory, state["iteration"])

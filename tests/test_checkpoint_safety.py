@@ -1,0 +1,81 @@
+"""Checkpoints are data, never code, and a damaged one is named: resume loads DeepSpeed's and the trainer's files
+with ``weights_only=True`` and an allow-list, manifest checksums are verified, and the unsafe loader is never
+suggested for a damaged file."""
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import torch
+
+from algm_d2.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError, load_checked, read_state_dict
+from algm_d2.engine import checkpoint as checkpoint_module
+
+from .test_engine_trainer import StandInTrainer, make_cfg, process_group  # noqa: F401 - the fixture is used
+
+
+class WritesAFile:
+    """Unpickling it opens (creates) ``path``: a stand-in for any code a hostile checkpoint carries."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+def plant(path, marker, *, keep_manifest_true=True):
+    """Replace the checkpoint file ``path`` with a hostile pickle; rewrite the manifest to match it (an attacker
+    who can write the file can write the manifest too)."""
+    torch.save({"module": WritesAFile(marker)}, path)
+    if keep_manifest_true:
+        manifest = json.loads((path.parent / checkpoint_module.MANIFEST).read_text())
+        checkpoint_module.write_manifest(path.parent, manifest["iteration"])
+
+
+@pytest.mark.parametrize("stage, precision, name", [
+    (0, "fp32", "mp_rank_00_model_states.pt"),
+    (2, "bf16", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    (0, "fp32", "trainer_state_rank0.pt"),
+])
+def test_resume_refuses_code_in_any_checkpoint_file_and_names_it(tmp_path, stage, precision, name):
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "3", "DEEPSPEED.ZERO_STAGE", str(stage), "DEEPSPEED.PRECISION", precision)
+    StandInTrainer(make_cfg(out, *opts)).train()
+    marker = tmp_path / "code_ran"
+    target = out / "checkpoints" / "iter_0000003" / name
+    plant(target, marker)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{target}.*io.open"):
+        StandInTrainer(make_cfg(out, *opts), resume=True)
+    assert not marker.exists()
+
+
+def test_resume_of_zero_2_bf16_loads_with_the_allow_list(tmp_path):
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "3", "DEEPSPEED.ZERO_STAGE", "2", "DEEPSPEED.PRECISION", "bf16")
+    StandInTrainer(make_cfg(out, *opts)).train()
+    assert StandInTrainer(make_cfg(out, *opts), resume=True).start_iter == 3
+
+
+def test_model_weights_refuse_code_and_damage_without_suggesting_the_unsafe_loader(tmp_path):
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": WritesAFile(marker)}, hostile)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{hostile}.*io.open"):
+        read_state_dict(hostile)
+    assert not marker.exists()
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.arange(4.0)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    for path, message in ((truncated, "truncated or damaged"), (empty, r"empty \(0 bytes\)"),
+                          (garbage, "damaged")):
+        with pytest.raises(UnreadableCheckpointError, match=rf"{path}.*{message}") as error:
+            read_state_dict(path)
+        assert "weights_only" not in str(error.value)
+    assert torch.equal(load_checked(good)["model"]["w"], torch.arange(4.0))
