@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from algm_d2.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError, load_checked, read_state_dict
+from algm_d2.engine import IncompleteCheckpointError, eval_weights
 from algm_d2.engine import checkpoint as checkpoint_module
 
 from .test_engine_trainer import StandInTrainer, make_cfg, process_group  # noqa: F401 - the fixture is used
@@ -79,3 +80,46 @@ def test_model_weights_refuse_code_and_damage_without_suggesting_the_unsafe_load
             read_state_dict(path)
         assert "weights_only" not in str(error.value)
     assert torch.equal(load_checked(good)["model"]["w"], torch.arange(4.0))
+
+
+def flip_bytes(path, offset, count=64):
+    """Same-size damage: ``count`` bytes from ``offset`` inverted."""
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(255 - b for b in data[offset:offset + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "model.pth", "trainer_state_rank0.pt"])
+def test_resume_names_a_same_size_damaged_file(tmp_path, name):
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "3")
+    StandInTrainer(make_cfg(out, *opts)).train()
+    target = out / "checkpoints" / "iter_0000003" / name
+    flip_bytes(target, target.stat().st_size // 2)
+    with pytest.raises(UnreadableCheckpointError, match=rf"{target} is damaged: its SHA-256 differs"):
+        StandInTrainer(make_cfg(out, *opts), resume=True)
+
+
+def test_model_weights_of_our_checkpoints_are_checked_against_their_manifest(tmp_path):
+    out = tmp_path / "run"
+    StandInTrainer(make_cfg(out, "SOLVER.MAX_ITER", "3")).train()
+    checkpoint_weights = out / "checkpoints" / "iter_0000003" / "model.pth"
+    final_weights = out / "model_final.pth"
+    assert eval_weights(make_cfg(out)) == checkpoint_weights  # intact: accepted
+    assert eval_weights(make_cfg(out, "MODEL.WEIGHTS", str(final_weights))) == final_weights
+    for path, cfg in ((checkpoint_weights, make_cfg(out)),
+                      (final_weights, make_cfg(out, "MODEL.WEIGHTS", str(final_weights)))):
+        flip_bytes(path, path.stat().st_size // 2)
+        with pytest.raises(UnreadableCheckpointError, match=rf"{path} is damaged"):
+            eval_weights(cfg)
+    with pytest.raises(UnreadableCheckpointError, match=rf"{final_weights} is damaged"):
+        StandInTrainer(make_cfg(tmp_path / "fine_tune", "MODEL.WEIGHTS", str(final_weights)))
+
+
+def test_a_garbage_manifest_is_named(tmp_path):
+    out = tmp_path / "run"
+    StandInTrainer(make_cfg(out, "SOLVER.MAX_ITER", "3")).train()
+    manifest = out / "checkpoints" / "iter_0000003" / checkpoint_module.MANIFEST
+    manifest.write_bytes(b"\x00garbage")
+    with pytest.raises(IncompleteCheckpointError, match=rf"{manifest} is damaged"):
+        StandInTrainer(make_cfg(out, "SOLVER.MAX_ITER", "3"), resume=True)

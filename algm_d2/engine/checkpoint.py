@@ -6,27 +6,30 @@ Layout of ``OUTPUT_DIR/checkpoints``::
     iter_0005000/                 DeepSpeed's model/optimizer/scheduler files (ZeRO partitions per rank)
                  trainer_state_rank<r>.pt   iteration, data-loader position, RNG states of rank r
                  model.pth        {"model": full float32 state dict}: usable as MODEL.WEIGHTS
-                 manifest.json    every file above with its size; written last
+                 manifest.json    every file above with its size and SHA-256; written last
     last_checkpoint               the tag of the newest complete checkpoint
 
-A checkpoint is complete when its manifest exists and every listed file has its listed size. The manifest and
+A checkpoint is complete when its manifest exists and every listed file has its listed size; ``--resume`` also
+checks every file's SHA-256, and MODEL.WEIGHTS of a file a manifest lists (a checkpoint's model.pth,
+OUTPUT_DIR/model_final.pth) checks that file's, so a damaged file is named instead of loaded. The manifest and
 then the pointer are written (temporary file, fsync, rename) only after every rank has finished writing, so a run
 killed at any moment leaves ``last_checkpoint`` naming a complete checkpoint. Ranks must share the file system.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint.safe_load import load_checked
+from ..checkpoint.safe_load import UnreadableCheckpointError, load_checked
 from .defaults import get_rank
 from .rng import rng_state
 
@@ -65,6 +68,22 @@ class _WeightsOnlyLoads:
         return getattr(self._inner, name)
 
 
+def _verify_on_rank_0(directory: Path) -> None:
+    """Rank 0 checks every file's SHA-256 (one reader of the shared files); every rank raises its error."""
+    error = None
+    if get_rank() == 0:
+        try:
+            verify_checkpoint(directory, checksums=True)
+        except (IncompleteCheckpointError, UnreadableCheckpointError) as err:
+            error = err
+    if dist.is_available() and dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -97,24 +116,65 @@ def checkpoint_tag(iteration: int) -> str:
     return f"{TAG_PREFIX}{iteration:07d}"
 
 
-def verify_checkpoint(directory: Path) -> Dict[str, int]:
-    """The manifest of a complete checkpoint folder; :class:`IncompleteCheckpointError` naming what is missing."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest_files(manifest_path: Path) -> Dict[str, Dict[str, Any]]:
+    """{file name: {"size": bytes, "sha256": hex digest}} of a manifest; a damaged manifest is named."""
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+        # manifests written before checksums were recorded list sizes only
+        return {name: entry if isinstance(entry, dict) else {"size": int(entry)} for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise IncompleteCheckpointError(f"{manifest_path} is damaged ({type(err).__name__}: {err}); use another "
+                                        "checkpoint") from None
+
+
+def _check_file(directory: Path, name: str, entry: Dict[str, Any], manifest_path: Path, *, checksum: bool) -> None:
+    path = directory / name
+    if not path.is_file() or path.stat().st_size != entry["size"]:
+        found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+        raise IncompleteCheckpointError(f"{path} is {found}, but {manifest_path} lists {entry['size']} bytes")
+    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        raise UnreadableCheckpointError(f"{path} is damaged: its SHA-256 differs from the one {manifest_path} "
+                                        "recorded when it was written; use another checkpoint")
+
+
+def verify_checkpoint(directory: Path, *, checksums: bool = False) -> Dict[str, Dict[str, Any]]:
+    """The manifest's files of a complete checkpoint folder; :class:`IncompleteCheckpointError` naming what is
+    missing. ``checksums``: also compare every file's SHA-256 (:class:`UnreadableCheckpointError` naming it)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise IncompleteCheckpointError(f"{directory} is incomplete: it has no {MANIFEST} (the run stopped while "
                                         "writing it)")
-    files = json.loads(manifest_path.read_text())["files"]
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != size:
-            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
-            raise IncompleteCheckpointError(f"{path} is {found}, but {manifest_path} lists {size} bytes")
+    files = _manifest_files(manifest_path)
+    for name, entry in files.items():
+        _check_file(directory, name, entry, manifest_path, checksum=checksums)
     return files
 
 
-def write_manifest(directory: Path, iteration: int) -> None:
-    """``directory/manifest.json``: the iteration and every file of the folder with its size."""
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+def verify_listed_file(path: Path) -> None:
+    """Check ``path`` against the manifest beside it, if one lists it (our checkpoints' model.pth and
+    model_final.pth); files of other origin (released checkpoints) have none and pass."""
+    path = Path(path)
+    manifest_path = path.parent / MANIFEST
+    if manifest_path.is_file():
+        entry = _manifest_files(manifest_path).get(path.name)
+        if entry is not None:
+            _check_file(path.parent, path.name, entry, manifest_path, checksum=True)
+
+
+def write_manifest(directory: Path, iteration: int, names: Optional[Sequence[str]] = None) -> None:
+    """``directory/manifest.json``: the iteration and every file of the folder (or ``names``) with its size and
+    SHA-256."""
+    if names is None:
+        names = [p.name for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST]
+    files = {name: {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+             for name in names}
     atomic_write_text(directory / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
 
 
@@ -215,6 +275,7 @@ class TrainingCheckpointer:
         directory = last_checkpoint(self.checkpoint_dir)
         if directory is None:
             return None
+        _verify_on_rank_0(directory)
         state_path = directory / f"trainer_state_rank{get_rank()}.pt"
         if not state_path.is_file():
             raise FileNotFoundError(f"{state_path} does not exist: {directory} was written by fewer processes; resume "

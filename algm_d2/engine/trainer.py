@@ -23,7 +23,9 @@ from tqdm import tqdm
 from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_train_loader
 from ..modeling import build_model
-from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
+from .checkpoint import (
+    MODEL_FILE, TAG_PREFIX, TrainingCheckpointer, atomic_write, last_checkpoint, verify_listed_file, write_manifest,
+)
 from .defaults import get_rank, get_world_size
 from .evaluation import evaluate
 from .events import EventWriter
@@ -75,14 +77,17 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:  # noqa: ANN001 - 
 
 
 def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
-    """The weights ``--eval-only`` evaluates: MODEL.WEIGHTS, else the full weights of OUTPUT_DIR's last checkpoint."""
+    """The weights ``--eval-only`` evaluates: MODEL.WEIGHTS, else the full weights of OUTPUT_DIR's last checkpoint;
+    checked against the manifest that lists them, if any."""
     if cfg.MODEL.WEIGHTS:
+        verify_listed_file(Path(cfg.MODEL.WEIGHTS))
         return Path(cfg.MODEL.WEIGHTS)
     checkpoint_dir = Path(cfg.OUTPUT_DIR) / "checkpoints"
     last = last_checkpoint(checkpoint_dir)
     if last is None:
         raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS is empty and {checkpoint_dir} has no checkpoint; pass "
                                 "MODEL.WEIGHTS <file> (a released checkpoint or a model_final.pth)")
+    verify_listed_file(last / MODEL_FILE)
     return last / MODEL_FILE
 
 
@@ -108,6 +113,7 @@ class Trainer:
             if cfg.MODEL.BACKBONE.PRETRAINED:
                 load_pretrained_vit(model.net.backbone, cfg.MODEL.BACKBONE.PRETRAINED)
             if cfg.MODEL.WEIGHTS:
+                verify_listed_file(Path(cfg.MODEL.WEIGHTS))
                 load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
         if cfg.DEEPSPEED.ZERO_STAGE == 3 and any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
@@ -325,11 +331,12 @@ class Trainer:
 
     def export_final_weights(self) -> Path:
         """OUTPUT_DIR/model_final.pth: the last checkpoint's full float32 weights (``{"model": state dict}``),
-        loadable with MODEL.WEIGHTS."""
+        loadable with MODEL.WEIGHTS; OUTPUT_DIR/manifest.json records its checksum."""
         path = self.output_dir / FINAL_WEIGHTS
         if self.rank == 0:
-            source = last_checkpoint(self.checkpointer.checkpoint_dir) / MODEL_FILE
-            with open(source, "rb") as weights:
+            last = last_checkpoint(self.checkpointer.checkpoint_dir)
+            with open(last / MODEL_FILE, "rb") as weights:
                 atomic_write(path, lambda f: shutil.copyfileobj(weights, f))
+            write_manifest(self.output_dir, int(last.name[len(TAG_PREFIX):]), names=[FINAL_WEIGHTS])
             logger.info("final weights: %s", path)
         return path
