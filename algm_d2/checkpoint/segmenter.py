@@ -132,7 +132,11 @@ def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Se
         decoder = LinearDecoder(num_classes=num_classes, encoder_dim=encoder.embed_dim)
     else:
         raise ValueError(f"variant.yml: unknown decoder name {name!r} (expected 'mask_transformer' or 'linear')")
-    normalization = NORMALIZATION.get(net.get("normalization", "vit"))
+    normalization_name = net.get("normalization", "vit")
+    if normalization_name not in NORMALIZATION:
+        raise ValueError(f"variant.yml: unknown net_kwargs.normalization {normalization_name!r} (expected one of "
+                         f"{', '.join(NORMALIZATION)})")
+    normalization = NORMALIZATION[normalization_name]
     return Segmenter(encoder=encoder, decoder=decoder, num_classes=num_classes, normalization=normalization)
 
 

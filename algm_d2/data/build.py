@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..modeling.inputs import check_finite_image
 from .catalog import get_dataset_dicts
 from .folders import register_datasets_from_config
 from .mapper import SemSegDatasetMapper, common_metadata
@@ -110,7 +111,10 @@ class _MappedBatches(IterableDataset):
 
     def _map(self, index: int, rng: np.random.Generator) -> Optional[Dict[str, Any]]:
         try:
-            return self.mapper(self.records[index], rng)
+            sample = self.mapper(self.records[index], rng)
+            if sample is not None:
+                check_finite_image(sample["image"], sample.get("file_name", f"record {index}"), BadSampleError)
+            return sample
         except SAMPLE_ERRORS as error:
             if not self.skip_bad_samples:
                 raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional
@@ -91,8 +92,12 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
         timer = InferenceTimer(warmup_batches=cfg.TEST.TIMER_WARMUP_BATCHES, device=device)
         merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
         with gathered_parameters() if gathered_parameters is not None else nullcontext():
-            results = inference_on_dataset(model, build_test_loader(cfg, name), evaluator, timer=timer,
-                                           merge_stats=merge_stats, precision=cfg.TEST.PRECISION)
+            loader = build_test_loader(cfg, name)
+            results = inference_on_dataset(model, loader, evaluator, timer=timer, merge_stats=merge_stats,
+                                           precision=cfg.TEST.PRECISION)
+            if math.isnan(results["sem_seg"]["mIoU"]):
+                raise RuntimeError(f"evaluation of {name}: no labelled pixel was evaluated ({loader.dataset.num_skipped} "
+                                   "images skipped as unreadable on rank 0, see the warnings); no mIoU to report")
             if cfg.TEST.COMPUTE_FLOPS and get_rank() == 0:
                 results["flops"] = count_dataset_gflops(
                     model, build_test_loader(cfg, name, rank=0, world_size=1, num_workers=0),

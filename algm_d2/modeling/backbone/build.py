@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+import logging
 from typing import Any, Dict
 
 from timm.layers import trunc_normal_
@@ -17,6 +18,7 @@ from torch import nn
 from ...merge import OFF, ALGMConfig
 from ..heads.segmenter_heads import init_segmenter_weights
 
+logger = logging.getLogger(__name__)
 ARCHS = ("vit", "deit_distilled", "eva01", "eva02")
 
 # Segmenter's ViT variants (the release's config.yml); all use MLP ratio 4 and patch 16.
@@ -58,11 +60,17 @@ def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
     if node.CALIBRATION_FILE:
         values.update(calibrated_thresholds(node.CALIBRATION_FILE, values))
     try:
-        return ALGMConfig(**values)
+        config = ALGMConfig(**values)
     except ValueError as err:
         field = str(err).split(" ")[0].rstrip(":")
         key = fields.get(field)
         raise ValueError(f"MODEL.ALGM.{key}: {err}" if key else f"MODEL.ALGM: {err}") from None
+    for name in ("local_threshold", "global_threshold"):
+        rule = getattr(config, name)
+        if isinstance(rule, float) and rule > 1.0:
+            logger.warning("MODEL.ALGM.%s %s is above 1: merge scores are cosine similarities (at most 1), so that "
+                           "stage never merges", fields[name], rule)
+    return config
 
 
 def calibrated_thresholds(path: str, values: Dict[str, Any]) -> Dict[str, float]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..inputs import check_finite_image
 from ..registry import META_ARCH_REGISTRY
 
 TEST_MODES = ("whole", "slide")
@@ -76,6 +77,8 @@ class SemanticSegmentor(nn.Module):
         return ((image - self.pixel_mean.float()) / self.pixel_std.float()).to(dtype)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):  # noqa: ANN201 - dict of losses or list of results
+        for index, x in enumerate(batched_inputs):
+            check_finite_image(x["image"], x.get("file_name", f"{index} of the batch"))
         self._forward_stats = []
         if self.training:
             return self.losses(batched_inputs)
