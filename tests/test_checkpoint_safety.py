@@ -4,13 +4,14 @@ suggested for a damaged file."""
 from __future__ import annotations
 
 import builtins
+import logging
 import json
 
 import pytest
 import torch
 
 from algm_d2.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError, load_checked, read_state_dict
-from algm_d2.engine import IncompleteCheckpointError, eval_weights
+from algm_d2.engine import IncompleteCheckpointError, eval_weights, lr_factor
 from algm_d2.engine import checkpoint as checkpoint_module
 
 from .test_engine_trainer import StandInTrainer, make_cfg, process_group  # noqa: F401 - the fixture is used
@@ -123,3 +124,22 @@ def test_a_garbage_manifest_is_named(tmp_path):
     manifest.write_bytes(b"\x00garbage")
     with pytest.raises(IncompleteCheckpointError, match=rf"{manifest} is damaged"):
         StandInTrainer(make_cfg(out, "SOLVER.MAX_ITER", "3"), resume=True)
+
+
+def test_resume_applies_a_changed_base_lr_and_says_so(tmp_path, caplog):
+    """The advice after a non-finite loss ("--resume with a lower SOLVER.BASE_LR") must do what it says."""
+    out = tmp_path / "run"
+    StandInTrainer(make_cfg(out, "SOLVER.MAX_ITER", "3")).train()
+    with caplog.at_level(logging.WARNING):
+        trainer = StandInTrainer(make_cfg(out, "SOLVER.BASE_LR", "0.001"), resume=True)
+    assert "initial_lr 0.01 -> 0.001" in caplog.text and "apply from iteration 4" in caplog.text
+    trainer.train()
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    lrs = {r["iteration"]: r["lr"] for r in records if "lr" in r}
+    # make_cfg: poly schedule over 6 iterations, power 0.9, 2 warmup iterations; steps 4..6 are 0-based 3..5
+    for step in (4, 5, 6):
+        expected = 0.001 * lr_factor(step - 1, max_iter=6, schedule="poly", base_lr=0.001, power=0.9,
+                                     warmup_iters=2, warmup_factor=0.001)
+        assert lrs[step] == pytest.approx(expected, rel=1e-12)
+    assert lrs[3] == pytest.approx(0.01 * lr_factor(2, max_iter=3, schedule="poly", base_lr=0.01, power=0.9,
+                                                    warmup_iters=2, warmup_factor=0.001), rel=1e-12)

@@ -130,11 +130,13 @@ class Trainer:
         self.start_iter = 0
         # micro-batches this rank's loader has produced: the data order resumes from here
         self.data_position = 0
+        configured = self._group_hyperparameters()
         state = self.checkpointer.load() if resume else None
         # the generators are restored when training starts, after everything that draws from them (data iterator)
         self.resume_rng_state = None
         if state is not None:
             self._check_resumable(state)
+            self._apply_configured_hyperparameters(configured)
             self.start_iter, self.data_position = state["iteration"], state["data_position"]
             self.resume_rng_state = state["rng"]
         elif resume:
@@ -172,6 +174,28 @@ class Trainer:
         if changed:
             raise ValueError(f"cannot resume {self.checkpointer.checkpoint_dir} exactly: {', '.join(changed)}; resume "
                              "with the settings of the run that wrote it, or start a new OUTPUT_DIR with MODEL.WEIGHTS")
+
+    def _group_hyperparameters(self) -> List[Dict[str, Any]]:
+        """Per optimizer group: its base lr ("initial_lr", layer decay applied) and the other settings, not "lr"
+        (the scheduled value of the current step)."""
+        return [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                for group in self.engine.optimizer.param_groups]
+
+    def _apply_configured_hyperparameters(self, configured: List[Dict[str, Any]]) -> None:
+        """Restoring the optimizer and scheduler brings back the checkpoint's base lr and weight decay; the values of
+        this run's config (SOLVER.BASE_LR, WEIGHT_DECAY, ...) win, logged, from the resumed iteration on."""
+        groups = self.engine.optimizer.param_groups
+        changed = sorted({f"{key} {group.get(key)} -> {value}" if index == 0 else key
+                          for index, (group, wanted) in enumerate(zip(groups, configured))
+                          for key, value in wanted.items() if group.get(key) != value})
+        if changed:
+            for index, (group, wanted) in enumerate(zip(groups, configured)):
+                group.update(wanted)
+                self.scheduler.base_lrs[index] = group["initial_lr"]
+                group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[index](self.scheduler.last_epoch)
+            logger.warning("--resume: the config changes optimizer settings of the checkpoint (%s); they apply from "
+                           "iteration %d on (lr %.4g there), with the schedule of this config", "; ".join(changed),
+                           self.scheduler.last_epoch + 1, max(group["lr"] for group in groups))
 
     def gathered_parameters(self) -> ContextManager[None]:
         """Every parameter whole on every rank (ZeRO-3 partitions them; evaluation runs ranks unevenly)."""
