@@ -9,7 +9,7 @@ It also runs under torchrun, the deepspeed launcher and srun (docs/LAUNCH.md).
 """
 from algm_d2.checkpoint import load_model_weights
 from algm_d2.engine import (
-    Trainer, default_argument_parser, distributed_backend, eval_weights, evaluate, launch, load_config, setup,
+    Trainer, default_argument_parser, eval_weights, evaluate, launch, launch_options, load_config, setup,
 )
 from algm_d2.modeling import build_model
 
@@ -26,4 +26,4 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), backend=distributed_backend(load_config(args)))
+           dist_url=args.dist_url, args=(args,), **launch_options(load_config(args)))

@@ -43,8 +43,9 @@ def load_checked(path: Union[str, Path], *, allowed_globals: Sequence[Callable] 
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is not None:
-            raise UnsafeCheckpointError(f"{path} refers to {found.group(1)}, which a checkpoint of tensors never "
-                                        "needs; it was not loaded (unpickling it could run code from the file)") from None
+            raise UnsafeCheckpointError(
+                f"{path} refers to {found.group(1)}, which a checkpoint of tensors never needs; it was not loaded "
+                "(unpickling it could run code from the file)") from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         raise UnreadableCheckpointError(f"{path} ({size} bytes) is damaged or not a torch checkpoint: "
                                         f"{reason.group(1) if reason else _first_line(err)}") from None

@@ -275,6 +275,11 @@ def _deepspeed(cfg: CN) -> None:
     cfg.DEEPSPEED.PRECISION = "fp32"
     # torch.distributed backend: "nccl", "gloo", or "auto" = nccl when MODEL.DEVICE is cuda, gloo otherwise.
     cfg.DEEPSPEED.BACKEND = "auto"
+    # Seconds every rank may take to join the run at start; rank 0 logs the ranks still missing every 30 s and then
+    # stops naming them (a rank that never started, or one stopped with SIGSTOP).
+    cfg.DEEPSPEED.START_TIMEOUT = 600
+    # Seconds a collective operation (all-reduce, barrier, ...) may wait for the slowest rank before failing.
+    cfg.DEEPSPEED.COLLECTIVE_TIMEOUT = 1800
 
 
 def _test(cfg: CN) -> None:

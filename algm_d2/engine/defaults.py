@@ -7,6 +7,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -90,6 +91,15 @@ def load_config(args: argparse.Namespace) -> CfgNode:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
     return cfg
+
+
+def launch_options(cfg: CfgNode) -> Dict[str, Any]:
+    """The keyword arguments of :func:`~algm_d2.engine.launch.launch` the config decides: backend and timeouts."""
+    timeouts = {"start_timeout": cfg.DEEPSPEED.START_TIMEOUT, "collective_timeout": cfg.DEEPSPEED.COLLECTIVE_TIMEOUT}
+    for key, value in timeouts.items():
+        if value <= 0:
+            raise ValueError(f"DEEPSPEED.{key.upper()} must be > 0 seconds, got {value}")
+    return {"backend": distributed_backend(cfg), **timeouts}
 
 
 def distributed_backend(cfg: CfgNode) -> str:

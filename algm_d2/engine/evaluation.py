@@ -96,8 +96,9 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
             results = inference_on_dataset(model, loader, evaluator, timer=timer, merge_stats=merge_stats,
                                            precision=cfg.TEST.PRECISION)
             if math.isnan(results["sem_seg"]["mIoU"]):
-                raise RuntimeError(f"evaluation of {name}: no labelled pixel was evaluated ({loader.dataset.num_skipped} "
-                                   "images skipped as unreadable on rank 0, see the warnings); no mIoU to report")
+                raise RuntimeError(f"evaluation of {name}: no labelled pixel was evaluated "
+                                   f"({loader.dataset.num_skipped} images skipped as unreadable on rank 0, see the "
+                                   "warnings); no mIoU to report")
             if cfg.TEST.COMPUTE_FLOPS and get_rank() == 0:
                 results["flops"] = count_dataset_gflops(
                     model, build_test_loader(cfg, name, rank=0, world_size=1, num_workers=0),
