@@ -124,3 +124,21 @@ def test_a_normalization_typo_in_variant_yml_is_an_error():
     with pytest.raises(ValueError, match=r"normalization 'vitt' \(expected one of vit, deit\)"):
         build_from_variant(bad)
     assert build_from_variant(variant()).normalization == NORMALIZATION["vit"]
+
+
+def test_evaluation_of_a_custom_dataset_registers_it_first(tmp_path):
+    """--eval-only evaluates before any loader is built: the DATASETS.CUSTOM names must be registered first."""
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    make_pairs(tmp_path / "img", tmp_path / "ann", ["s0", "s1"], num_classes=NUM_CLASSES, size=(20, 20))
+    name = unique_name(tmp_path, "custom_eval")
+    cfg = demo_cfg(train=(name,), test=(name,), crop=16)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    cfg.TEST.COMPUTE_FLOPS = False
+    cfg.TEST.MERGE_STATS = False
+    cfg.DATASETS.CUSTOM.NAMES = (name,)
+    cfg.DATASETS.CUSTOM.IMAGE_DIRS = (str(tmp_path / "img"),)
+    cfg.DATASETS.CUSTOM.MASK_DIRS = (str(tmp_path / "ann"),)
+    cfg.DATASETS.CUSTOM.CLASSES_FILE = str(tmp_path / "classes.txt")
+    results = evaluate(cfg, segmentor())
+    assert 0.0 <= results[name]["sem_seg"]["mIoU"] <= 100.0

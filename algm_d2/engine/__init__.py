@@ -15,6 +15,6 @@ __all__ = [
     "IncompleteCheckpointError", "TrainingCheckpointer", "consolidated_state_dict", "last_checkpoint",
     "verify_checkpoint", "default_argument_parser", "distributed_backend", "get_rank", "get_world_size",
     "launch_options", "load_config", "setup", "evaluate", "inference_on_dataset", "results_table", "launch",
-    "WarmupLRScheduler", "lr_factor", "build_optimizer", "get_vit_layer_id", "layer_decay_param_groups", "Trainer", "deepspeed_config",
-    "eval_weights",
+    "WarmupLRScheduler", "lr_factor", "build_optimizer", "get_vit_layer_id", "layer_decay_param_groups", "Trainer",
+    "deepspeed_config", "eval_weights",
 ]

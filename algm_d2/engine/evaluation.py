@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import build_test_loader, get_metadata
+from ..data import build_test_loader, get_metadata, register_datasets_from_config
 from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator, count_gflops, save_json
 from .defaults import get_rank
 
@@ -86,6 +86,7 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
     """
     all_results: Dict[str, Dict[str, Any]] = {}
     device = next(model.parameters()).device
+    register_datasets_from_config(cfg)  # --eval-only reaches here first: the metadata of DATASETS.CUSTOM is read below
     for name in cfg.DATASETS.TEST:
         evaluator = SemSegEvaluator.from_config(cfg, class_names=get_metadata(name).stuff_classes,
                                                 output_dir=str(Path(cfg.OUTPUT_DIR) / "inference" / name))
