@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from algm_d2 import ALGMConfig
 from algm_d2.checkpoint import NORMALIZATION, build_from_variant
 from algm_d2.config import get_cfg
 from algm_d2.data import BadSampleError, build_test_loader, build_train_loader, register_custom_sem_seg
@@ -142,3 +143,37 @@ def test_evaluation_of_a_custom_dataset_registers_it_first(tmp_path):
     cfg.DATASETS.CUSTOM.CLASSES_FILE = str(tmp_path / "classes.txt")
     results = evaluate(cfg, segmentor())
     assert 0.0 <= results[name]["sem_seg"]["mIoU"] <= 100.0
+
+
+@pytest.fixture(scope="module")
+def algm_segmenter():
+    torch.manual_seed(0)
+    return build_from_variant(variant(), algm=ALGMConfig(local_layer=1, global_layer=3)).eval()
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.zeros(3, 32, 32), r"got shape \(3, 32, 32\) \(one image: add the batch dimension, images\[None\]\)"),
+    (torch.zeros(1, 3, 0, 32), r"got shape \(1, 3, 0, 32\) \(an empty batch or a side of 0 pixels\)"),
+    (torch.zeros(0, 3, 32, 32), r"got shape \(0, 3, 32, 32\) \(an empty batch"),
+    (np.zeros((1, 3, 32, 32), dtype=np.float32), r"got a ndarray \(convert it"),
+    ([torch.zeros(3, 32, 32)], r"got a list \(convert it"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"got dtype torch.uint8 \(normalize"),
+    (torch.zeros(1, 1, 32, 32), r"got shape \(1, 1, 32, 32\)"),
+])
+def test_the_inference_api_names_the_expected_shape(algm_segmenter, images, message):
+    for call in (algm_segmenter, algm_segmenter.predict_labels, algm_segmenter.encoder):
+        with pytest.raises(ValueError, match=r"images must be a float tensor \[B, 3, H, W\] with B, H, W >= 1, "
+                                             + message):
+            call(images)
+
+
+def test_detectron2_style_inputs_are_checked():
+    model = segmentor().eval()
+    with pytest.raises(ValueError, match=r"non-empty list of dicts .* got list \(empty\)"):
+        model([])
+    with pytest.raises(ValueError, match=r"input a.png: 'image' must be a tensor \[3, H, W\] .* got shape \(1, 3, 8"):
+        model([{"image": torch.zeros(1, 3, 8, 8), "file_name": "a.png"}])
+    with pytest.raises(ValueError, match=r"input 0 of the batch: 'image' must be a tensor .* got a ndarray"):
+        model([{"image": np.zeros((3, 8, 8), dtype=np.uint8)}])
+    with pytest.raises(ValueError, match=r"got shape \(3, 0, 8\)"):
+        model([{"image": torch.zeros(3, 0, 8, dtype=torch.uint8)}])

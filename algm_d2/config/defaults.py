@@ -298,6 +298,12 @@ def _test(cfg: CN) -> None:
     # Inference precision: "fp32" (the reference), or "bf16" / "fp16" autocast.
     cfg.TEST.PRECISION = "fp32"
     cfg.TEST.FLIP = False
+    # Softmax over classes of each view's scores before views (scales, flips) are averaged, also for networks whose
+    # scores are already probability-like (Mask2Former): EVA's aug_test does; False averages such scores as they are.
+    cfg.TEST.SOFTMAX_VIEWS = False
+    # "slide" mode, an image whose short side is below CROP_SIZE: "upsample" it to the crop (Segmenter's release) or
+    # "pad" it with black pixels to the crop and drop the padding after sliding (EVA's PadShortSide).
+    cfg.TEST.SLIDE_SMALL_IMAGE = "upsample"
 
     # Evaluation reporting (algm_d2.evaluation).
     # Count GFLOPs (fvcore multiply-adds, attention included) during evaluation.

@@ -17,6 +17,7 @@ killed at any moment leaves ``last_checkpoint`` naming a complete checkpoint. Ra
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -97,13 +98,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def disk_full_error(path: Path, err: OSError) -> OSError:
+    """``err`` unchanged, or for a full disk (or quota) an OSError naming ``path`` and the space left."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    return OSError(err.errno, f"no space left while writing {path} ({free / 2**20:.1f} MiB free on its file "
+                              "system): free some space (SOLVER.MAX_CHECKPOINTS_TO_KEEP keeps fewer checkpoints) or "
+                              "set OUTPUT_DIR elsewhere, then --resume")
+
+
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """``write(file object)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise disk_full_error(path, err) from err
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -183,7 +198,12 @@ def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     pointer = checkpoint_dir / POINTER
     if not pointer.is_file():
         return None
-    directory = checkpoint_dir / pointer.read_text().strip()
+    tag = pointer.read_text().strip()
+    # a tag is a folder name of checkpoint_dir (iter_<digits>); anything else (empty, a path) is refused
+    if not (tag.startswith(TAG_PREFIX) and tag[len(TAG_PREFIX):].isdigit()):
+        raise IncompleteCheckpointError(f"{pointer} must name a checkpoint folder of {checkpoint_dir} such as "
+                                        f"{checkpoint_tag(0)}, got {tag!r}; fix or delete it")
+    directory = checkpoint_dir / tag
     verify_checkpoint(directory)
     return directory
 
@@ -242,8 +262,11 @@ class TrainingCheckpointer:
             if directory.exists():  # left by a run that stopped while writing it
                 shutil.rmtree(directory)
         _barrier()
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"iteration": iteration},
-                                    save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"iteration": iteration},
+                                        save_latest=False)
+        except OSError as err:
+            raise disk_full_error(directory / "(DeepSpeed's files)", err) from err
         state = dict(trainer_state, iteration=iteration, rng=rng_state())
         atomic_write(directory / f"trainer_state_rank{rank}.pt", lambda f: torch.save(state, f))
         save_model_weights(self.engine, directory / MODEL_FILE)

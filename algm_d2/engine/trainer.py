@@ -26,7 +26,7 @@ from ..modeling import build_model
 from .checkpoint import (
     MODEL_FILE, TAG_PREFIX, TrainingCheckpointer, atomic_write, last_checkpoint, verify_listed_file, write_manifest,
 )
-from .defaults import get_rank, get_world_size
+from .defaults import check_config, get_rank, get_world_size
 from .evaluation import evaluate
 from .events import EventWriter
 from .lr_schedule import WarmupLRScheduler
@@ -102,6 +102,7 @@ class Trainer:
     def __init__(self, cfg, *, resume: bool = False) -> None:  # noqa: ANN001 - a CfgNode
         import deepspeed
 
+        check_config(cfg)
         self.cfg = cfg
         solver = cfg.SOLVER
         self.rank, self.world_size = get_rank(), get_world_size()

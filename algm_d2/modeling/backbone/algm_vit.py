@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
 from ...merge.packing import PackedLayout, SequenceOffsets
 from ...merge.state import attention_dtype
+from ..inputs import check_image_batch
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
 from .block_graphs import BlockGraphs
@@ -354,6 +355,7 @@ class ALGMViT(nn.Module):
 
         ``algm`` overrides the module's config for this call (e.g. ``OFF`` to calibrate on the base model).
         """
+        check_image_batch(images)
         x, grid, grid_rope = self.embed(images)
         stream = self.start(x, grid, grid_rope, algm)
         self.run_blocks(stream, 0, self.depth, observer)
