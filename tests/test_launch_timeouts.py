@@ -5,14 +5,16 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from datetime import timedelta
 from unittest import mock
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from algm_d2.config import get_cfg
 from algm_d2.engine import launch, launch_options
-from algm_d2.engine.launch import find_free_port
+from algm_d2.engine.launch import find_free_port, init_distributed
 
 # the module (the package's ``launch`` is the function)
 launch_module = importlib.import_module("algm_d2.engine.launch")
@@ -48,3 +50,14 @@ def test_timeouts_come_from_the_config():
     cfg.DEEPSPEED.START_TIMEOUT = 0
     with pytest.raises(ValueError, match="DEEPSPEED.START_TIMEOUT must be > 0"):
         launch_options(cfg)
+
+
+def test_the_group_gets_the_collective_timeout():
+    with mock.patch.dict(os.environ):
+        init_distributed({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(find_free_port())}, "gloo", start_timeout=5, collective_timeout=77)
+        try:
+            backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+            assert backend.options._timeout == timedelta(seconds=77)
+        finally:
+            dist.destroy_process_group()
