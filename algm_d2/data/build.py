@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..modeling.inputs import check_finite_image
 from .catalog import get_dataset_dicts
 from .folders import register_datasets_from_config
 from .mapper import SemSegDatasetMapper, common_metadata
@@ -112,8 +111,11 @@ class _MappedBatches(IterableDataset):
     def _map(self, index: int, rng: np.random.Generator) -> Optional[Dict[str, Any]]:
         try:
             sample = self.mapper(self.records[index], rng)
-            if sample is not None:
-                check_finite_image(sample["image"], sample.get("file_name", f"record {index}"), BadSampleError)
+            image = sample.get("image") if sample is not None else None
+            if isinstance(image, torch.Tensor) and image.is_floating_point():  # uint8 images cannot be non-finite
+                from ..modeling.inputs import check_finite_image  # noqa: PLC0415 - keeps timm out of algm_d2.data
+
+                check_finite_image(image, sample.get("file_name", f"record {index}"), BadSampleError)
             return sample
         except SAMPLE_ERRORS as error:
             if not self.skip_bad_samples:
