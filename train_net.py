@@ -28,10 +28,10 @@ def main(args):
 def launch_main(args, main_func=main):
     """Start the run's processes; each calls ``main_func(args)`` (a script of your own can pass a main that registers
     its datasets and then calls this module's ``main``: datasets/README.md)."""
-    from algm_d2.engine import distributed_backend, launch, load_config
+    from algm_d2.engine import launch, launch_options, load_config
 
     launch(run_with_short_errors, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(main_func, args), backend=distributed_backend(load_config(args)))
+           dist_url=args.dist_url, args=(main_func, args), **launch_options(load_config(args)))
 
 
 if __name__ == "__main__":

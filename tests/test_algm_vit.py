@@ -142,3 +142,23 @@ def test_patch_embedding_as_one_gemm_equals_the_convolution():
 
     as_gemm = algm_vit.patchify(proj, images.as_subclass(CudaLike))
     torch.testing.assert_close(torch.Tensor(as_gemm), proj(images), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(2, 4000), (16, 2048), (8, 8), (4000, 2)])
+def test_images_thinner_than_the_window_run_and_match_the_plain_model(size):
+    """Grids of 1 row or column (or 1x1) hold no full CLAP window: the stage is skipped, and with GBM also merging
+    nothing the result is the plain model's; with GBM's batch statistics the model still runs."""
+    from algm_d2.checkpoint import build_from_variant
+
+    from .test_segmenter import variant
+
+    image = torch.randn(1, 3, *size)
+    outputs = []
+    for config in (OFF, ALGMConfig(local_layer=1, global_layer=3, local_threshold=-1.0, global_threshold=1.5),
+                   ALGMConfig(local_layer=1, global_layer=3, local_threshold=-1.0)):
+        torch.manual_seed(0)
+        model = build_from_variant(variant(), algm=config).eval()
+        with torch.no_grad():
+            outputs.append(model(image))
+    assert all(out.shape == (1, 5, *size) and torch.isfinite(out).all() for out in outputs)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

@@ -257,12 +257,18 @@ def test_bad_options_raise_value_error_naming_the_field(kwargs, field):
         ALGMConfig(**kwargs)
 
 
-def test_layer_out_of_range_and_window_larger_than_grid():
+def test_layer_out_of_range_raises():
     with pytest.raises(ValueError, match="global_layer=13"):
         ALGMConfig(global_layer=13).check_depth(12)
-    x = clustered_tokens(1, (3, 8), 1, 4, 0)
-    with pytest.raises(ValueError, match="larger than the 3x8"):
-        local_merge(x, MergeState.initial(1, (3, 8), 1, x.device), (4, 4), 0.5, "min", 1)
+
+
+@pytest.mark.parametrize("grid, window", [((3, 8), (4, 4)), ((1, 16), (2, 2)), ((1, 1), (2, 2)), ((16, 1), (1, 2))])
+def test_a_grid_smaller_than_the_window_skips_clap(grid, window):
+    """No full window fits (extreme aspect ratios): CLAP merges nothing, even with a rule that merges every window."""
+    x = clustered_tokens(2, grid, 1, 4, 0)
+    state = MergeState.initial(2, grid, 1, x.device)
+    merged, after = local_merge(x, state, window, -1.0, "min", 1)
+    assert merged is x and not after.merged
 
 
 def test_rule_parsing():

@@ -15,6 +15,7 @@ import torch
 from timm.models import eva, vision_transformer
 
 from ..modeling.backbone.algm_vit import ALGMViT
+from .safe_load import UnreadableCheckpointError
 from .segmenter import raise_on_mismatch, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,14 @@ def read_pretrained(path: Union[str, Path], *, weights_only: bool = True) -> Dic
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights not found: {path}")
-        from safetensors.torch import load_file  # noqa: PLC0415 - only for this format
+        from safetensors import SafetensorError  # noqa: PLC0415 - only for this format
+        from safetensors.torch import load_file  # noqa: PLC0415
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise UnreadableCheckpointError(f"MODEL.BACKBONE.PRETRAINED {path} ({path.stat().st_size} bytes) is "
+                                            f"truncated or not a safetensors file: {err}") from None
     return read_state_dict(path, weights_only=weights_only)
 
 

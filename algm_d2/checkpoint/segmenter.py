@@ -17,8 +17,9 @@ from torch import nn
 from ..merge import OFF, ALGMConfig
 from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
-from ..modeling.backbone.build import build_segmenter_vit
+from ..modeling.backbone.build import build_segmenter_vit, check_vit_sizes
 from ..modeling.meta_arch.segmenter import Segmenter
+from .safe_load import UnreadableCheckpointError, UnsafeCheckpointError, load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ NORMALIZATION = {
     "deit": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
 DROPPED_PREFIXES = ("encoder.head.", "encoder.head_dist.")
+# build_segmenter_vit's size arguments -> the release's net_kwargs names
+VARIANT_FIELDS = {"img_size": "image_size", "patch_size": "patch_size", "embed_dim": "d_model", "depth": "n_layers",
+                  "num_heads": "n_heads"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,13 +62,19 @@ def read_state_dict(path: Union[str, Path], *, weights_only: bool = True) -> Dic
     ``weights_only=True`` (default) refuses pickled code; pass False only for files you trust.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # noqa: BLE001 - torch raises several types; name the file and the option
-        hint = " (it holds non-tensor objects: pass weights_only=False if you trust the file)" if weights_only else ""
-        raise ValueError(f"{path}: cannot be read as a checkpoint{hint}: {err}") from err
+    if weights_only:
+        try:
+            data = load_checked(path)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{err}. If you trust where the file came from, the Python loaders take "
+                                        "weights_only=False") from None
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - torch raises several types; name the file
+            raise UnreadableCheckpointError(f"{path}: cannot be read as a checkpoint: {err}") from err
     for key in ("model", "state_dict", "module"):
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]
@@ -103,11 +113,15 @@ def raise_on_mismatch(expected: Mapping[str, torch.Tensor], state_dict: Mapping[
 def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Segmenter:
     """A randomly initialised Segmenter laid out as the release's ``net_kwargs`` say."""
     net = variant["net_kwargs"]
-    image_size = net["image_size"]
-    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    missing = [key for key in VARIANT_FIELDS.values() if key not in net]
+    if missing:
+        raise ValueError(f"variant.yml: net_kwargs has no {', '.join(missing)}")
+    sizes = {field: net[key] for field, key in VARIANT_FIELDS.items()}
+    if isinstance(sizes["img_size"], (list, tuple)) and sizes["img_size"]:
+        sizes["img_size"] = sizes["img_size"][0]
+    check_vit_sizes(sizes, {field: f"variant.yml: net_kwargs.{key}" for field, key in VARIANT_FIELDS.items()})
     vit = build_segmenter_vit(
-        img_size=int(image_size), patch_size=int(net["patch_size"]), embed_dim=int(net["d_model"]),
-        depth=int(net["n_layers"]), num_heads=int(net["n_heads"]), mlp_ratio=float(net.get("d_ff", 4 * net["d_model"]))
+        **sizes, mlp_ratio=float(net.get("d_ff", 4 * net["d_model"]))
         / net["d_model"], dropout=float(net.get("dropout", 0.0)), drop_path_rate=float(net.get("drop_path_rate", 0.0)),
         distilled=bool(net.get("distilled", False)),
     )
@@ -125,7 +139,11 @@ def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Se
         decoder = LinearDecoder(num_classes=num_classes, encoder_dim=encoder.embed_dim)
     else:
         raise ValueError(f"variant.yml: unknown decoder name {name!r} (expected 'mask_transformer' or 'linear')")
-    normalization = NORMALIZATION.get(net.get("normalization", "vit"))
+    normalization_name = net.get("normalization", "vit")
+    if normalization_name not in NORMALIZATION:
+        raise ValueError(f"variant.yml: unknown net_kwargs.normalization {normalization_name!r} (expected one of "
+                         f"{', '.join(NORMALIZATION)})")
+    normalization = NORMALIZATION[normalization_name]
     return Segmenter(encoder=encoder, decoder=decoder, num_classes=num_classes, normalization=normalization)
 
 
@@ -139,8 +157,12 @@ def load_model(checkpoint_path: Union[str, Path], algm: Optional[ALGMConfig] = N
         weights_only: load tensors only (safe); False unpickles arbitrary objects — only for trusted files.
     """
     checkpoint_path = Path(checkpoint_path)
-    variant = read_variant(checkpoint_path.parent / "variant.yml")
-    model = build_from_variant(variant, OFF if algm is None else algm)
+    variant_path = checkpoint_path.parent / "variant.yml"
+    variant = read_variant(variant_path)
+    try:
+        model = build_from_variant(variant, OFF if algm is None else algm)
+    except ValueError as err:
+        raise ValueError(f"{variant_path}: {err}") from None
     state_dict = read_state_dict(checkpoint_path, weights_only=weights_only)
     load_state_dict_strict(model, state_dict, str(checkpoint_path), drop_prefixes=DROPPED_PREFIXES)
     return model.to(device).eval()

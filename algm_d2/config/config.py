@@ -8,8 +8,11 @@ Unknown keys raise ``KeyError`` naming the full key; other type mismatches raise
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import os
+from typing import Any, Dict, List, Sequence, Tuple
 
+import yaml
+from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 _RULE_TYPES = (float, int, str, type(None))
@@ -20,7 +23,37 @@ FLEXIBLE_KEYS: Dict[str, Tuple[type, ...]] = {
 }
 
 
+def check_config_file(filename: str, chain: Sequence[str] = ()) -> None:
+    """Raise naming the file when a config file or one of its ``_BASE_`` files is missing, empty, not a mapping,
+    or inherits from itself (directly or in a cycle); ``_BASE_`` paths resolve as fvcore resolves them."""
+    path = os.path.realpath(filename)
+    if path in chain:
+        cycle = " -> ".join([*chain[chain.index(path):], path])
+        raise ValueError(f"config _BASE_ cycle: {cycle}")
+    if not os.path.isfile(filename):
+        named_by = f" (the _BASE_ of {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file {filename}{named_by}: no such file")
+    with open(filename) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {filename} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a YAML {type(data).__name__}"
+        raise ValueError(f"config file {filename} is {what}; a config is a mapping of KEY: value")
+    bases = data.get(BASE_KEY, [])
+    for base in bases if isinstance(bases, list) else [bases]:
+        base = os.path.expanduser(str(base))
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(filename), base)
+        check_config_file(base, (*chain, path))
+
+
 class CfgNode(_FvcoreCfgNode):
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        check_config_file(cfg_filename)
+        super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
+
     def merge_from_other_cfg(self, cfg_other: "CfgNode") -> None:
         self._prepare_merge(cfg_other, prefix="")
         super().merge_from_other_cfg(cfg_other)

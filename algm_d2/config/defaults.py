@@ -278,6 +278,11 @@ def _deepspeed(cfg: CN) -> None:
     cfg.DEEPSPEED.PRECISION = "fp32"
     # torch.distributed backend: "nccl", "gloo", or "auto" = nccl when MODEL.DEVICE is cuda, gloo otherwise.
     cfg.DEEPSPEED.BACKEND = "auto"
+    # Seconds every rank may take to join the run at start; rank 0 logs the ranks still missing every 30 s and then
+    # stops naming them (a rank that never started, or one stopped with SIGSTOP).
+    cfg.DEEPSPEED.START_TIMEOUT = 600
+    # Seconds a collective operation (all-reduce, barrier, ...) may wait for the slowest rank before failing.
+    cfg.DEEPSPEED.COLLECTIVE_TIMEOUT = 1800
 
 
 def _test(cfg: CN) -> None:
@@ -299,6 +304,12 @@ def _test(cfg: CN) -> None:
     # Evaluation takes the labels of a single view (one scale, no flip) with a fused resize + argmax instead of
     # computing [K, H, W] probabilities first (same labels); False computes the probabilities.
     cfg.TEST.FUSED_LABELS = True
+    # Softmax over classes of each view's scores before views (scales, flips) are averaged, also for networks whose
+    # scores are already probability-like (Mask2Former): EVA's aug_test does; False averages such scores as they are.
+    cfg.TEST.SOFTMAX_VIEWS = False
+    # "slide" mode, an image whose short side is below CROP_SIZE: "upsample" it to the crop (Segmenter's release) or
+    # "pad" it with black pixels to the crop and drop the padding after sliding (EVA's PadShortSide).
+    cfg.TEST.SLIDE_SMALL_IMAGE = "upsample"
 
     # Evaluation reporting (algm_d2.evaluation).
     # Count GFLOPs (fvcore multiply-adds, attention included) during evaluation.

@@ -110,7 +110,13 @@ class _MappedBatches(IterableDataset):
 
     def _map(self, index: int, rng: np.random.Generator) -> Optional[Dict[str, Any]]:
         try:
-            return self.mapper(self.records[index], rng)
+            sample = self.mapper(self.records[index], rng)
+            image = sample.get("image") if sample is not None else None
+            if isinstance(image, torch.Tensor) and image.is_floating_point():  # uint8 images cannot be non-finite
+                from ..modeling.inputs import check_finite_image  # noqa: PLC0415 - keeps timm out of algm_d2.data
+
+                check_finite_image(image, sample.get("file_name", f"record {index}"), BadSampleError)
+            return sample
         except SAMPLE_ERRORS as error:
             if not self.skip_bad_samples:
                 raise

@@ -78,6 +78,8 @@ def read_sem_seg(path: str, *, num_classes: Optional[int] = None, ignore_label: 
                 label = np.asarray(pil)
         except (OSError, SyntaxError) as error:  # Pillow: truncated/corrupt data, unknown format
             raise BadSampleError(f"cannot decode label map ({error}): {path}") from error
+        except Image.DecompressionBombError as error:  # more pixels than Pillow's limit (Image.MAX_IMAGE_PIXELS)
+            raise BadSampleError(f"label map too large to decode ({error}): {path}") from error
         label = _to_unsigned(label, path)
     if num_classes is not None:
         check_sem_seg_values(label, num_classes=num_classes, ignore_label=ignore_label, file_name=path)

@@ -3,7 +3,7 @@ from .checkpoint import (
     IncompleteCheckpointError, TrainingCheckpointer, consolidated_state_dict, last_checkpoint, verify_checkpoint,
 )
 from .defaults import (
-    default_argument_parser, distributed_backend, get_rank, get_world_size, load_config, setup,
+    default_argument_parser, distributed_backend, get_rank, get_world_size, launch_options, load_config, setup,
 )
 from .evaluation import evaluate, inference_on_dataset, results_table
 from .launch import launch
@@ -14,7 +14,7 @@ from .trainer import Trainer, deepspeed_config, eval_only_config, eval_weights
 __all__ = [
     "IncompleteCheckpointError", "TrainingCheckpointer", "consolidated_state_dict", "last_checkpoint",
     "verify_checkpoint", "default_argument_parser", "distributed_backend", "get_rank", "get_world_size",
-    "load_config", "setup", "evaluate", "inference_on_dataset", "results_table", "launch", "WarmupLRScheduler",
-    "lr_factor", "build_optimizer", "get_vit_layer_id", "layer_decay_param_groups", "Trainer", "deepspeed_config",
-    "eval_only_config", "eval_weights",
+    "launch_options", "load_config", "setup", "evaluate", "inference_on_dataset", "results_table", "launch",
+    "WarmupLRScheduler", "lr_factor", "build_optimizer", "get_vit_layer_id", "layer_decay_param_groups", "Trainer",
+    "deepspeed_config", "eval_only_config", "eval_weights",
 ]

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -68,6 +69,42 @@ def load_config(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def launch_options(cfg: CfgNode) -> Dict[str, Any]:
+    """The keyword arguments of :func:`~algm_d2.engine.launch.launch` the config decides: backend and timeouts."""
+    timeouts = {"start_timeout": cfg.DEEPSPEED.START_TIMEOUT, "collective_timeout": cfg.DEEPSPEED.COLLECTIVE_TIMEOUT}
+    for key, value in timeouts.items():
+        if value <= 0:
+            raise ValueError(f"DEEPSPEED.{key.upper()} must be > 0 seconds, got {value}")
+    return {"backend": distributed_backend(cfg), **timeouts}
+
+
+def check_config(cfg: CfgNode) -> None:
+    """Keys whose mistakes would otherwise surface only after training (periods, enumerations read at evaluation):
+    ValueError naming the key and the allowed values. Run by setup() and the Trainer."""
+    from ..evaluation import FLOP_COUNT_BACKENDS
+    from ..modeling.backbone.build import POS_EMBED_INTERPS
+    from ..modeling.meta_arch.semantic_segmentor import SMALL_IMAGE_RULES, TEST_MODES
+    from .evaluation import INFERENCE_PRECISIONS
+
+    choices = {"TEST.PRECISION": (cfg.TEST.PRECISION, tuple(INFERENCE_PRECISIONS)),
+               "TEST.FLOPS_BACKEND": (cfg.TEST.FLOPS_BACKEND, FLOP_COUNT_BACKENDS),
+               "TEST.MODE": (cfg.TEST.MODE, TEST_MODES),
+               "TEST.SLIDE_SMALL_IMAGE": (cfg.TEST.SLIDE_SMALL_IMAGE, SMALL_IMAGE_RULES),
+               "MODEL.BACKBONE.POS_EMBED_INTERP": (cfg.MODEL.BACKBONE.POS_EMBED_INTERP, POS_EMBED_INTERPS)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key in ("SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "SOLVER.MAX_ITER"):
+        section, name = key.split(".")
+        if cfg[section][name] <= 0:
+            raise ValueError(f"{key} must be > 0, got {cfg[section][name]}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: only at the end), got {cfg.TEST.EVAL_PERIOD}")
+    scales = cfg.TEST.SCALES
+    if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+        raise ValueError(f"TEST.SCALES must be a non-empty list of positive numbers, got {list(scales)!r}")
+
+
 def distributed_backend(cfg: CfgNode) -> str:
     """DEEPSPEED.BACKEND, with "auto" = nccl for a CUDA MODEL.DEVICE and gloo otherwise."""
     if cfg.DEEPSPEED.BACKEND != "auto":
@@ -80,6 +117,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     OUTPUT_DIR/eval/config.yaml, so a training run's config stays), logging to the console and OUTPUT_DIR/log.txt,
     CPU threads per process set, generators seeded with SEED + rank (SEED < 0: a random seed)."""
     cfg = load_config(args)
+    check_config(cfg)
     cfg.freeze()
     rank = get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import build_test_loader, get_metadata
+from ..data import build_test_loader, get_metadata, register_datasets_from_config
 from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator, count_gflops, save_json
 from .defaults import get_rank
 
@@ -86,14 +87,20 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
     """
     all_results: Dict[str, Dict[str, Any]] = {}
     device = next(model.parameters()).device
+    register_datasets_from_config(cfg)  # --eval-only reaches here first: the metadata of DATASETS.CUSTOM is read below
     for name in cfg.DATASETS.TEST:
         evaluator = SemSegEvaluator.from_config(cfg, class_names=get_metadata(name).stuff_classes,
                                                 output_dir=str(Path(cfg.OUTPUT_DIR) / "inference" / name))
         timer = InferenceTimer(warmup_batches=cfg.TEST.TIMER_WARMUP_BATCHES, device=device)
         merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
         with gathered_parameters() if gathered_parameters is not None else nullcontext():
-            results = inference_on_dataset(model, build_test_loader(cfg, name), evaluator, timer=timer,
-                                           merge_stats=merge_stats, precision=cfg.TEST.PRECISION)
+            loader = build_test_loader(cfg, name)
+            results = inference_on_dataset(model, loader, evaluator, timer=timer, merge_stats=merge_stats,
+                                           precision=cfg.TEST.PRECISION)
+            if math.isnan(results["sem_seg"]["mIoU"]):
+                raise RuntimeError(f"evaluation of {name}: no labelled pixel was evaluated "
+                                   f"({loader.dataset.num_skipped} images skipped as unreadable on rank 0, see the "
+                                   "warnings); no mIoU to report")
             if cfg.TEST.COMPUTE_FLOPS and get_rank() == 0:
                 results["flops"] = count_dataset_gflops(
                     model, build_test_loader(cfg, name, rank=0, world_size=1, num_workers=0),

@@ -16,10 +16,13 @@ import os
 import re
 import socket
 import subprocess
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .runtime import import_deepspeed, without_shm_comm_op
@@ -27,6 +30,11 @@ from .runtime import import_deepspeed, without_shm_comm_op
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
 BACKENDS = ("nccl", "gloo")
+JOINED_KEY = "algm_d2/joined/"
+ALL_JOINED_KEY = "algm_d2/all_joined"
+MISSING_KEY = "algm_d2/missing"
+# seconds between rank 0's messages about ranks that have not joined yet
+WAITING_LOG_PERIOD = 30.0
 
 
 def find_free_port() -> int:
@@ -95,20 +103,76 @@ def master_from_url(dist_url: Optional[str], num_machines: int) -> Tuple[str, in
     return parsed.hostname, parsed.port
 
 
-def init_distributed(env: Mapping[str, str], backend: str) -> None:
-    """Export ``env`` and join the process group through DeepSpeed's env:// rendezvous."""
+def _missing_ranks(store: dist.Store, world_size: int) -> List[int]:
+    return [r for r in range(world_size) if not store.check([f"{JOINED_KEY}{r}"])]
+
+
+def rendezvous(env: Mapping[str, str], *, start_timeout: float) -> dist.TCPStore:
+    """The store of the run at MASTER_ADDR:MASTER_PORT (served by rank 0), once every rank has joined it.
+
+    Rank 0 waits at most ``start_timeout`` seconds for the others, logging the missing ranks every 30 s, then
+    raises TimeoutError naming them; every other rank then stops too, with the same names.
+    """
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    address, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(address, port, world_size, is_master=rank == 0, wait_for_workers=False,
+                              timeout=timedelta(seconds=start_timeout))
+    except (RuntimeError, OSError) as err:  # DistStoreError / DistNetworkError: rank 0 never answered
+        raise TimeoutError(f"rank {rank}: rank 0 at {address}:{port} could not be reached within {start_timeout:g} s "
+                           f"(DEEPSPEED.START_TIMEOUT): {err}") from None
+    store.set(f"{JOINED_KEY}{rank}", "1")
+    deadline = time.monotonic() + start_timeout
+    next_log = time.monotonic() + WAITING_LOG_PERIOD
+    while True:
+        if rank == 0:
+            missing = _missing_ranks(store, world_size)
+            if not missing:
+                store.set(ALL_JOINED_KEY, "1")
+                return store
+        elif store.check([ALL_JOINED_KEY]):
+            return store
+        elif store.check([MISSING_KEY]):
+            missing = [int(r) for r in store.get(MISSING_KEY).decode().split(",")]
+            raise TimeoutError(f"rank {rank}: ranks {missing} of {world_size} did not join within {start_timeout:g} s "
+                               "(DEEPSPEED.START_TIMEOUT); see rank 0's log")
+        now = time.monotonic()
+        if rank == 0 and now >= deadline:
+            store.set(MISSING_KEY, ",".join(map(str, missing)))
+            raise TimeoutError(f"ranks {missing} of {world_size} did not join rank 0 at {address}:{port} within "
+                               f"{start_timeout:g} s (DEEPSPEED.START_TIMEOUT): were they started, with the same "
+                               "--dist-url and --num-machines, and are they running (not stopped)?")
+        if rank != 0 and now >= deadline + WAITING_LOG_PERIOD:  # rank 0 itself went away
+            raise TimeoutError(f"rank {rank}: rank 0 did not report the group complete within {start_timeout:g} s "
+                               "(DEEPSPEED.START_TIMEOUT); see rank 0's log")
+        if rank == 0 and now >= next_log:
+            logger.warning("waiting for ranks %s of %d to join (%.0f s left of DEEPSPEED.START_TIMEOUT)", missing,
+                           world_size, deadline - now)
+            next_log = now + WAITING_LOG_PERIOD
+        time.sleep(0.2)
+
+
+def init_distributed(env: Mapping[str, str], backend: str, *, start_timeout: float = 600.0,
+                     collective_timeout: float = 1800.0) -> None:
+    """Export ``env``, wait for every rank (:func:`rendezvous`) and join the process group, whose collectives time
+    out after ``collective_timeout`` seconds; DeepSpeed then uses that group."""
     if backend not in BACKENDS:
         raise ValueError(f"distributed backend must be one of {BACKENDS}, got {backend!r} (DEEPSPEED.BACKEND)")
     os.environ.update(env)
     if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    store = rendezvous(env, start_timeout=start_timeout)
+    dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                            timeout=timedelta(seconds=collective_timeout))
     with without_shm_comm_op():
-        import_deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        import_deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                            timeout=timedelta(seconds=collective_timeout))
     logger.info("rank %s of %s joined (%s, rank 0 at %s:%s)", env["RANK"], env["WORLD_SIZE"], backend,
                 env["MASTER_ADDR"], env["MASTER_PORT"])
 
 
-def _run_in_group(env: Mapping[str, str], backend: str, main_func: Callable[..., Any], args: Sequence[Any]) -> None:
+def _run_in_group(env: Mapping[str, str], backend: str, timeouts: Mapping[str, float], main_func: Callable[..., Any],
+                  args: Sequence[Any]) -> None:
     """Join the group, run ``main_func`` and leave the group once every rank is done.
 
     Leaving explicitly (barrier, then ``destroy_process_group``) matters: a process that exits with a live gloo group
@@ -116,7 +180,7 @@ def _run_in_group(env: Mapping[str, str], backend: str, main_func: Callable[...,
     a spawned rank's abort fails the whole run although its work was done. After an error the barrier is skipped
     (the other ranks may never reach it) and the error propagates.
     """
-    init_distributed(env, backend)
+    init_distributed(env, backend, **timeouts)
     main_func(*args)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -124,27 +188,30 @@ def _run_in_group(env: Mapping[str, str], backend: str, main_func: Callable[...,
 
 
 def _run_process(local_rank: int, main_func: Callable[..., Any], env: Dict[str, str], num_gpus_per_machine: int,
-                 machine_rank: int, backend: str, args: Sequence[Any]) -> None:
+                 machine_rank: int, backend: str, timeouts: Dict[str, float], args: Sequence[Any]) -> None:
     rank = machine_rank * num_gpus_per_machine + local_rank
     _run_in_group(dict(env, RANK=str(rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(num_gpus_per_machine)),
-                  backend, main_func, args)
+                  backend, timeouts, main_func, args)
 
 
 def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: Optional[str] = None, args: Sequence[Any] = (), *, backend: str = "gloo") -> None:
+           dist_url: Optional[str] = None, args: Sequence[Any] = (), *, backend: str = "gloo",
+           start_timeout: float = 600.0, collective_timeout: float = 1800.0) -> None:
     """Run ``main_func(*args)`` in every process of the run, each already in the process group.
 
     Under torchrun / the deepspeed launcher / srun (see :func:`launcher_env`) this process is one rank and the
     layout arguments are not used. Otherwise ``num_gpus_per_machine`` processes are spawned on this machine (none
     when it is 1: the current process is the rank). Every rank leaves the group when ``main_func`` returns.
+    ``start_timeout``/``collective_timeout``: seconds (DEEPSPEED.START_TIMEOUT / COLLECTIVE_TIMEOUT).
     """
+    timeouts = {"start_timeout": start_timeout, "collective_timeout": collective_timeout}
     spawn_requested = num_gpus_per_machine != 1 or num_machines != 1
     env = launcher_env(os.environ, dist_url=dist_url, spawn_requested=spawn_requested)
     if env is not None:
         if spawn_requested:
             logger.warning("a launcher set the ranks (RANK/WORLD_SIZE or SLURM_*): --num-gpus %d --num-machines %d "
                            "are not used", num_gpus_per_machine, num_machines)
-        _run_in_group(env, backend, main_func, args)
+        _run_in_group(env, backend, timeouts, main_func, args)
         return
     if num_gpus_per_machine < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
         raise ValueError(f"bad process layout: --num-gpus {num_gpus_per_machine}, --num-machines {num_machines}, "
@@ -152,7 +219,7 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, num_machine
     address, port = master_from_url(dist_url, num_machines)
     env = {"WORLD_SIZE": str(num_machines * num_gpus_per_machine), "MASTER_ADDR": address, "MASTER_PORT": str(port)}
     if num_gpus_per_machine == 1:
-        _run_process(0, main_func, env, 1, machine_rank, backend, args)
+        _run_process(0, main_func, env, 1, machine_rank, backend, timeouts, args)
         return
     mp.start_processes(_run_process, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
-                       args=(main_func, env, num_gpus_per_machine, machine_rank, backend, tuple(args)))
+                       args=(main_func, env, num_gpus_per_machine, machine_rank, backend, timeouts, tuple(args)))

@@ -24,8 +24,10 @@ from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_test_loader, build_train_loader, get_metadata
 from ..evaluation.visualize import prediction_panels
 from ..modeling import build_model
-from .checkpoint import MODEL_FILE, TrainingCheckpointer, atomic_write, last_checkpoint
-from .defaults import EVAL_ONLY_DIR, get_rank, get_world_size
+from .checkpoint import (
+    MODEL_FILE, TAG_PREFIX, TrainingCheckpointer, atomic_write, last_checkpoint, verify_listed_file, write_manifest,
+)
+from .defaults import EVAL_ONLY_DIR, check_config, get_rank, get_world_size
 from .evaluation import evaluate
 from .events import EventWriter
 from .lr_schedule import WarmupLRScheduler
@@ -77,14 +79,17 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:  # noqa: ANN001 - 
 
 
 def eval_weights(cfg) -> Path:  # noqa: ANN001 - a CfgNode
-    """The weights ``--eval-only`` evaluates: MODEL.WEIGHTS, else the full weights of OUTPUT_DIR's last checkpoint."""
+    """The weights ``--eval-only`` evaluates: MODEL.WEIGHTS, else the full weights of OUTPUT_DIR's last checkpoint;
+    checked against the manifest that lists them, if any."""
     if cfg.MODEL.WEIGHTS:
+        verify_listed_file(Path(cfg.MODEL.WEIGHTS))
         return Path(cfg.MODEL.WEIGHTS)
     checkpoint_dir = Path(cfg.OUTPUT_DIR) / "checkpoints"
     last = last_checkpoint(checkpoint_dir)
     if last is None:
         raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS is empty and {checkpoint_dir} has no checkpoint; pass "
                                 "MODEL.WEIGHTS <file> (a released checkpoint or a model_final.pth)")
+    verify_listed_file(last / MODEL_FILE)
     return last / MODEL_FILE
 
 
@@ -133,6 +138,7 @@ class Trainer:
 
     def __init__(self, cfg, *, resume: bool = False) -> None:  # noqa: ANN001 - a CfgNode
         deepspeed = import_deepspeed()
+        check_config(cfg)
         self.cfg = cfg
         solver = cfg.SOLVER
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -145,6 +151,7 @@ class Trainer:
             if cfg.MODEL.BACKBONE.PRETRAINED:
                 load_pretrained_vit(model.net.backbone, cfg.MODEL.BACKBONE.PRETRAINED)
             if cfg.MODEL.WEIGHTS:
+                verify_listed_file(Path(cfg.MODEL.WEIGHTS))
                 load_model_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
         if cfg.DEEPSPEED.ZERO_STAGE == 3 and any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
@@ -162,11 +169,13 @@ class Trainer:
         self.start_iter = 0
         # micro-batches this rank's loader has produced: the data order resumes from here
         self.data_position = 0
+        configured = self._group_hyperparameters()
         state = self.checkpointer.load() if resume else None
         # the generators are restored when training starts, after everything that draws from them (data iterator)
         self.resume_rng_state = None
         if state is not None:
             self._check_resumable(state)
+            self._apply_configured_hyperparameters(configured)
             self.start_iter, self.data_position = state["iteration"], state["data_position"]
             self.resume_rng_state = state["rng"]
         elif resume:
@@ -204,6 +213,28 @@ class Trainer:
         if changed:
             raise ValueError(f"cannot resume {self.checkpointer.checkpoint_dir} exactly: {', '.join(changed)}; resume "
                              "with the settings of the run that wrote it, or start a new OUTPUT_DIR with MODEL.WEIGHTS")
+
+    def _group_hyperparameters(self) -> List[Dict[str, Any]]:
+        """Per optimizer group: its base lr ("initial_lr", layer decay applied) and the other settings, not "lr"
+        (the scheduled value of the current step)."""
+        return [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                for group in self.engine.optimizer.param_groups]
+
+    def _apply_configured_hyperparameters(self, configured: List[Dict[str, Any]]) -> None:
+        """Restoring the optimizer and scheduler brings back the checkpoint's base lr and weight decay; the values of
+        this run's config (SOLVER.BASE_LR, WEIGHT_DECAY, ...) win, logged, from the resumed iteration on."""
+        groups = self.engine.optimizer.param_groups
+        changed = sorted({f"{key} {group.get(key)} -> {value}" if index == 0 else key
+                          for index, (group, wanted) in enumerate(zip(groups, configured))
+                          for key, value in wanted.items() if group.get(key) != value})
+        if changed:
+            for index, (group, wanted) in enumerate(zip(groups, configured)):
+                group.update(wanted)
+                self.scheduler.base_lrs[index] = group["initial_lr"]
+                group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[index](self.scheduler.last_epoch)
+            logger.warning("--resume: the config changes optimizer settings of the checkpoint (%s); they apply from "
+                           "iteration %d on (lr %.4g there), with the schedule of this config", "; ".join(changed),
+                           self.scheduler.last_epoch + 1, max(group["lr"] for group in groups))
 
     def gathered_parameters(self) -> ContextManager[None]:
         """Every parameter whole on every rank (ZeRO-3 partitions them; evaluation runs ranks unevenly)."""
@@ -385,11 +416,12 @@ class Trainer:
 
     def export_final_weights(self) -> Path:
         """OUTPUT_DIR/model_final.pth: the last checkpoint's full float32 weights (``{"model": state dict}``),
-        loadable with MODEL.WEIGHTS."""
+        loadable with MODEL.WEIGHTS; OUTPUT_DIR/manifest.json records its checksum."""
         path = self.output_dir / FINAL_WEIGHTS
         if self.rank == 0:
-            source = last_checkpoint(self.checkpointer.checkpoint_dir) / MODEL_FILE
-            with open(source, "rb") as weights:
+            last = last_checkpoint(self.checkpointer.checkpoint_dir)
+            with open(last / MODEL_FILE, "rb") as weights:
                 atomic_write(path, lambda f: shutil.copyfileobj(weights, f))
+            write_manifest(self.output_dir, int(last.name[len(TAG_PREFIX):]), names=[FINAL_WEIGHTS])
             logger.info("final weights: %s", path)
         return path

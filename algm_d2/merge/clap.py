@@ -56,12 +56,10 @@ def local_merge(x: Tensor, state: MergeState, window: Tuple[int, int], rule: Rul
         raise ValueError("CLAP (local merging) needs the unmerged grid: run it at or before the first merge")
     h, w = state.grid_size
     kh, kw = window
-    if kh > h or kw > w:
-        raise ValueError(f"window {window} is larger than the {h}x{w} patch grid")
+    if kh > h or kw > w or merges_nothing(rule):
+        return x, state  # no full window fits the grid (an extreme aspect ratio), or nothing would merge
     b, t, c = x.shape
     p = state.num_prefix
-    if merges_nothing(rule):
-        return x, state
     cell_window = window_index(state.grid_size, window, x.device)
     in_window = cell_window >= 0
     gather_index = cell_window.clamp(min=0).expand(b, -1)

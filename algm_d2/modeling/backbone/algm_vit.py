@@ -21,6 +21,7 @@ from ...merge.packing import PackedLayout, SequenceOffsets
 from ...merge.state import attention_dtype
 from ..ops.attention_kernels import dynamic_length_attention
 from ..ops.packed_layout import packed_layout_of
+from ..inputs import check_image_batch
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
 from .block_graphs import BlockGraphs
@@ -363,6 +364,7 @@ class ALGMViT(nn.Module):
 
         ``algm`` overrides the module's config for this call (e.g. ``OFF`` to calibrate on the base model).
         """
+        check_image_batch(images)
         x, grid, grid_rope = self.embed(images)
         stream = self.start(x, grid, grid_rope, algm)
         self.run_blocks(stream, 0, self.depth, observer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
+import logging
 from typing import Any, Dict
 
 from timm.layers import trunc_normal_
@@ -28,6 +29,22 @@ SEGMENTER_VARIANTS: Dict[str, Dict[str, int]] = {
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
     "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
 }
+
+
+POS_EMBED_INTERPS = ("bilinear", "bicubic")
+VIT_SIZE_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+def check_vit_sizes(values: Dict[str, Any], keys: Dict[str, str]) -> None:
+    """ValueError naming the key (``keys``: the user's name of each of VIT_SIZE_FIELDS) unless every size is a
+    positive int and the width splits evenly over the heads."""
+    for field in VIT_SIZE_FIELDS:
+        value = values[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{keys[field]} must be a positive integer, got {value!r}")
+    if values["embed_dim"] % values["num_heads"]:
+        raise ValueError(f"{keys['embed_dim']} ({values['embed_dim']}) must be divisible by {keys['num_heads']} "
+                         f"({values['num_heads']})")
 
 
 def build_segmenter_vit(*, img_size: int, patch_size: int = 16, embed_dim: int, depth: int, num_heads: int,
@@ -127,6 +144,8 @@ def build_timm_vit(cfg) -> nn.Module:  # noqa: ANN001 - a CfgNode
     node = cfg.MODEL.BACKBONE
     if node.ARCH not in ARCHS:
         raise ValueError(f"MODEL.BACKBONE.ARCH must be one of {ARCHS}, got {node.ARCH!r}")
+    check_vit_sizes({field: node[field.upper()] for field in VIT_SIZE_FIELDS},
+                    {field: f"MODEL.BACKBONE.{field.upper()}" for field in VIT_SIZE_FIELDS})
     sizes = dict(img_size=node.IMG_SIZE, patch_size=node.PATCH_SIZE, embed_dim=node.EMBED_DIM, depth=node.DEPTH,
                  num_heads=node.NUM_HEADS, mlp_ratio=node.MLP_RATIO, drop_path_rate=node.DROP_PATH_RATE,
                  norm_eps=node.NORM_EPS)

@@ -15,6 +15,7 @@ from ...merge import ALGMConfig, MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..heads.segmenter_heads import MaskTransformer
 from ..ops.attention_kernels import dynamic_length_attention
+from ..inputs import check_image_batch
 from ..ops.upsample_argmax import upsample_argmax, upsample_bilinear
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY
 
@@ -80,6 +81,7 @@ class Segmenter(nn.Module):
             return self.decoder(tokens[:, state.num_prefix:], state)
 
     def forward(self, images: Tensor) -> Tensor:
+        check_image_batch(images)
         height, width = images.shape[-2:]
         images = pad_to_multiple(images, self.patch_size)
         masks = upsample_bilinear(self._patch_logits(images), tuple(images.shape[-2:]))  # = F.interpolate
@@ -88,6 +90,7 @@ class Segmenter(nn.Module):
     def predict_labels(self, images: Tensor) -> Tensor:
         """``forward(images).argmax(1)`` ``[B, H, W]`` without materialising the full-resolution logits (fused
         upsample + argmax: the evaluation's decode tail at its memory floor)."""
+        check_image_batch(images)
         height, width = images.shape[-2:]
         images = pad_to_multiple(images, self.patch_size)
         labels = upsample_argmax(self._patch_logits(images), tuple(images.shape[-2:]))

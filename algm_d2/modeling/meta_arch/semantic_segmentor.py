@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..inputs import check_batched_inputs
 from ..ops.upsample_argmax import upsample_argmax
 from ..registry import META_ARCH_REGISTRY
 
 TEST_MODES = ("whole", "slide")
+SMALL_IMAGE_RULES = ("upsample", "pad")
 
 
 def sliding_window_anchors(size: int, window: int, stride: int) -> List[int]:
@@ -38,6 +40,9 @@ class SemanticSegmentor(nn.Module):
         ignore_value: label excluded from the loss.
         test_mode: "whole" or "slide"; crop_size/stride/test_batch_size configure "slide" (crops per forward).
         test_scales: image scale factors at test time (results averaged), test_flip: also run the flipped image.
+        softmax_views: softmax every view's scores before averaging, probability-like ones included (EVA).
+        small_image: "slide" on an image whose short side is below the crop: "upsample" (Segmenter's release) or
+            "pad" with black pixels, removed after sliding (EVA's PadShortSide).
         fused_labels: :meth:`predict_labels` of a single view resizes and takes the argmax in one pass (no
             ``[K, H, W]`` probabilities); False computes them and takes their argmax.
     """
@@ -45,10 +50,17 @@ class SemanticSegmentor(nn.Module):
     def __init__(self, *, net: nn.Module, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  ignore_value: int = 255, test_mode: str = "whole", crop_size: int = 512, stride: int = 512,
                  test_batch_size: int = 8, test_scales: Sequence[float] = (1.0,), test_flip: bool = False,
-                 fused_labels: bool = True) -> None:
+                 softmax_views: bool = False, small_image: str = "upsample", fused_labels: bool = True) -> None:
         super().__init__()
         if test_mode not in TEST_MODES:
             raise ValueError(f"TEST.MODE must be one of {TEST_MODES}, got {test_mode!r}")
+        for key, stats in (("MODEL.PIXEL_MEAN", pixel_mean), ("MODEL.PIXEL_STD", pixel_std)):
+            if len(stats) != 3:
+                raise ValueError(f"{key} must have 3 values (R, G, B), got {list(stats)}")
+        if min(pixel_std) <= 0:
+            raise ValueError(f"MODEL.PIXEL_STD must be > 0, got {list(pixel_std)}")
+        if small_image not in SMALL_IMAGE_RULES:
+            raise ValueError(f"TEST.SLIDE_SMALL_IMAGE must be one of {SMALL_IMAGE_RULES}, got {small_image!r}")
         if stride <= 0 or crop_size <= 0 or stride > crop_size:
             raise ValueError(f"TEST.STRIDE ({stride}) must be in 1..TEST.CROP_SIZE ({crop_size})")
         self.net = net
@@ -61,6 +73,8 @@ class SemanticSegmentor(nn.Module):
         self.test_batch_size = test_batch_size
         self.test_scales = tuple(test_scales)
         self.test_flip = test_flip
+        self.softmax_views = softmax_views
+        self.small_image = small_image
         self.fused_labels = fused_labels
         self._forward_stats: List[Dict[str, Any]] = []
 
@@ -70,7 +84,8 @@ class SemanticSegmentor(nn.Module):
         return cls(net=net, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
                    ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, test_mode=cfg.TEST.MODE,
                    crop_size=cfg.TEST.CROP_SIZE, stride=cfg.TEST.STRIDE, test_batch_size=cfg.TEST.BATCH_SIZE,
-                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, fused_labels=cfg.TEST.FUSED_LABELS)
+                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, softmax_views=cfg.TEST.SOFTMAX_VIEWS,
+                   small_image=cfg.TEST.SLIDE_SMALL_IMAGE, fused_labels=cfg.TEST.FUSED_LABELS)
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +98,7 @@ class SemanticSegmentor(nn.Module):
         return ((image - self.pixel_mean.float()) / self.pixel_std.float()).to(dtype)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):  # noqa: ANN201 - dict of losses or list of results
+        check_batched_inputs(batched_inputs)
         self._forward_stats = []
         if self.training:
             return self.losses(batched_inputs)
@@ -136,8 +152,10 @@ class SemanticSegmentor(nn.Module):
                 logits = self._slide(view) if self.test_mode == "slide" else self._run(view)
                 logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
                 probs = (logits.flip(-1) if flip else logits)[0]
-                # Mask2Former's scores are already probability-like (softmax(class) × sigmoid(mask)).
-                probs = probs if getattr(self.net, "output_kind", "logits") == "probabilities" else probs.softmax(0)
+                # Mask2Former's scores are already probability-like (softmax(class) × sigmoid(mask)); EVA softmaxes
+                # them again per view (TEST.SOFTMAX_VIEWS).
+                raw = getattr(self.net, "output_kind", "logits") == "probabilities" and not self.softmax_views
+                probs = probs if raw else probs.softmax(0)
                 total = probs if total is None else total + probs
                 runs += 1
         return total / runs
@@ -162,9 +180,15 @@ class SemanticSegmentor(nn.Module):
         return upsample_argmax(logits.float(), size)[0]
 
     def _slide(self, image: Tensor) -> Tensor:
-        """The release's sliding window: short side brought up to the crop, overlapping crop logits averaged."""
+        """The release's sliding window: short side brought up to the crop (or padded, ``small_image``), overlapping
+        crop logits averaged."""
         height, width = image.shape[-2:]
         crop = self.crop_size
+        if min(height, width) < crop and self.small_image == "pad":
+            black = ((0.0 - self.pixel_mean) / self.pixel_std).to(image.dtype)  # pixel value 0, normalized
+            padded = black.expand(1, -1, max(height, crop), max(width, crop)).clone()
+            padded[..., :height, :width] = image
+            return self._slide(padded)[..., :height, :width]
         if min(height, width) < crop:
             ratio = crop / min(height, width)
             size = (max(crop, int(height * ratio)), max(crop, int(width * ratio)))
