@@ -48,6 +48,8 @@ TINY_INPUT = [
 ]
 # The ALGM thresholds that make the tiny random models merge: CLAP merges windows whose mean cosine >= 0.3.
 MERGING = ["MODEL.ALGM.LOCAL_THRESHOLD", 0.3]
+# The bridged segmentors' sliding window at 64 px: 32-px crops every 16 px, 4 crops per forward.
+SLIDE_TEST = ["TEST.CROP_SIZE", 32, "TEST.STRIDE", 16, "TEST.BATCH_SIZE", 4]
 
 
 def tiny_cfg(config: str, *extra: Sequence[object]) -> CfgNode:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from .common import (
-    MERGING, NUM_CLASSES, SIZE, adapter_cfg, merged_token_cfg, register_tiny_dataset, tiny_cfg,
+    MERGING, NUM_CLASSES, SIZE, SLIDE_TEST, adapter_cfg, merged_token_cfg, register_tiny_dataset, tiny_cfg,
 )
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -27,11 +27,10 @@ from algm_d2.modeling import MergedTokenMask2Former, ViTAdapter  # noqa: E402
 from algm_d2.modeling import build_model as algm_build_model  # noqa: E402
 
 SEGMENTER = "algm_segmenter_vit_small_mask_512_algm.yaml"
-SLIDE = ["TEST.CROP_SIZE", 32, "TEST.STRIDE", 16, "TEST.BATCH_SIZE", 4]
 
 
 def segmenter_cfg(*extra):  # noqa: ANN001, ANN201
-    return tiny_cfg(SEGMENTER, MERGING, SLIDE, *extra)
+    return tiny_cfg(SEGMENTER, MERGING, SLIDE_TEST, *extra)
 
 
 def pyramid_cfg(*extra):  # noqa: ANN001, ANN201
