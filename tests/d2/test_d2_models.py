@@ -150,10 +150,15 @@ def test_checkpoint_round_trip(tmp_path):
     restored = fresh()
     DetectionCheckpointer(restored).load(str(tmp_path / "checkpoint.pth"))
     same(restored)
-    # detectron2's model_final.pth into algm_d2's own SemanticSegmentor (its loader, strict keys)
+    # detectron2's model_final.pth into algm_d2's own SemanticSegmentor (its loader, strict keys), and algm_d2's
+    # model.pth ({"model": net.*}) back into detectron2's
     ours = algm_build_model(algm_segmenter_cfg())
     load_model_weights(ours, tmp_path / "model_final.pth")
     same(ours.eval())
+    torch.save({"model": ours.state_dict()}, tmp_path / "model.pth")
+    restored = fresh()
+    DetectionCheckpointer(restored).load(str(tmp_path / "model.pth"))
+    same(restored)
 
 
 def algm_segmenter_cfg():  # noqa: ANN201

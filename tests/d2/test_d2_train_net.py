@@ -54,3 +54,23 @@ def test_mask2former_train_net_is_loaded_privately():
     first, second = load_mask2former_train_net(), load_mask2former_train_net()
     assert first is not second
     assert first.main.__code__.co_filename == str(mask2former_root() / "train_net.py")
+
+
+def test_trainer_uses_algm_optimizer_and_amp_precision(tmp_path):
+    from algm_d2.d2.train_net import setup, trainer_class
+
+    train = register_tiny_dataset(tmp_path / "train", "algm_d2_tiny_train", 2)
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / "maskformer2_vit_base_merged_tokens_512_algm.yaml")]
+        + [repr(v) if isinstance(v, (tuple, list)) else str(v) for v in TINY_ENCODER + TINY_INPUT + TINY_MASK2FORMER + [
+            "DATASETS.TRAIN", (train,), "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "bfloat16",
+            "OUTPUT_DIR", tmp_path / "out"]])
+    trainer = trainer_class(load_mask2former_train_net().Trainer)(setup(args))
+    assert trainer._trainer.precision is torch.bfloat16
+    groups = trainer.optimizer.param_groups
+    assert all("names" in g for g in groups)  # algm_d2's groups, not Mask2Former's one group per parameter
+    no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n in g["names"]}
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= no_decay
+    args.opts += ["SOLVER.AMP.PRECISION", "int8"]
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
+        setup(args)
