@@ -145,3 +145,27 @@ def test_algm_d2_imports_without_detectron2():
                and any(line.lstrip().startswith(("import detectron2", "from detectron2"))
                        for line in p.read_text().splitlines())]
     assert outside == []
+
+
+def test_registries_keep_their_own_classes_of_shared_names():
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+    from detectron2.modeling.meta_arch.semantic_seg import SEM_SEG_HEADS_REGISTRY
+    from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnPixelDecoder as M2FPixelDecoder
+    from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import (
+        MultiScaleMaskedTransformerDecoder as M2FDecoder,
+    )
+    from mask2former.modeling.transformer_decoder.maskformer_transformer_decoder import TRANSFORMER_DECODER_REGISTRY
+
+    import algm_d2.d2  # noqa: F401 - registers
+    from algm_d2 import modeling
+
+    assert SEM_SEG_HEADS_REGISTRY.get("MSDeformAttnPixelDecoder") is M2FPixelDecoder
+    assert TRANSFORMER_DECODER_REGISTRY.get("MultiScaleMaskedTransformerDecoder") is M2FDecoder
+    assert modeling.PIXEL_DECODER_REGISTRY.get("MSDeformAttnPixelDecoder").__module__.startswith("algm_d2.")
+    assert modeling.TRANSFORMER_DECODER_REGISTRY.get("MultiScaleMaskedTransformerDecoder").__module__.startswith(
+        "algm_d2.")
+    for name in ("build_algm_vit_backbone", "build_algm_vit_pyramid_backbone", "build_algm_vit_adapter_backbone"):
+        assert BACKBONE_REGISTRY.get(name).__module__ == "algm_d2.d2.backbone"
+    assert SEM_SEG_HEADS_REGISTRY.get("build_merged_token_mask2former_head").__module__ == "algm_d2.d2.head"
+    for name in ("ALGMSegmenter", "ALGMMask2Former", "ALGMMergedTokenMask2Former"):
+        assert META_ARCH_REGISTRY.get(name).__module__ == "algm_d2.d2.meta_arch"

@@ -37,7 +37,11 @@ def pyramid_cfg(*extra):  # noqa: ANN001, ANN201
     return merged_token_cfg(["MODEL.BACKBONE.NAME", "build_algm_vit_pyramid_backbone"], *extra)
 
 
-@pytest.mark.parametrize("make_cfg", [merged_token_cfg, pyramid_cfg, adapter_cfg])
+def eva02_pyramid_cfg(*extra):  # noqa: ANN001, ANN201
+    return pyramid_cfg(["MODEL.BACKBONE.ARCH", "eva02", "MODEL.BACKBONE.ROPE_PRETRAIN_GRID", SIZE // 16], *extra)
+
+
+@pytest.mark.parametrize("make_cfg", [merged_token_cfg, pyramid_cfg, eva02_pyramid_cfg, adapter_cfg])
 def test_backbone_outputs_match_output_shape(make_cfg):
     torch.manual_seed(0)
     backbone = build_backbone(make_cfg()).eval()
