@@ -4,8 +4,9 @@
 wholesale). It adds every key the bridged modules read that detectron2 and Mask2Former do not declare, with
 algm_d2's default (:func:`algm_d2.config.get_cfg` stays the one place a key is declared); a key they already declare
 keeps its value and its meaning, e.g. MODEL.PIXEL_MEAN in INPUT.FORMAT order, MODEL.MASK_FORMER.CLASS_WEIGHT 1.0,
-SOLVER.OPTIMIZER "ADAMW". It also gives ``cfg`` algm_d2's merge rules (:class:`CfgNode`), so that the ALGM
-threshold keys take a float or a rule string ("batch_stats", "top:R", "fraction:F") from files and command lines.
+SOLVER.OPTIMIZER "ADAMW". It also gives ``cfg`` algm_d2's merge rules (:class:`CfgNode`: its nodes change class
+in place), so that the ALGM threshold keys take a float or a rule string ("batch_stats", "top:R", "fraction:F") from
+files and command lines.
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ class CfgNode(AlgmCfgNode, D2CfgNode):
                                         f"{mask2former_root()}")
         return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
 
+    def __setitem__(self, key: str, value: Any) -> None:
+        # a node added later (another project's add_*_config) joins the tree's class, or merging into it fails
+        if isinstance(value, D2CfgNode):
+            _upgrade(value)
+        super().__setitem__(key, value)
+
 
 def _node(cfg: D2CfgNode, path: str) -> D2CfgNode:
     for part in path.split("."):
@@ -57,13 +64,13 @@ def _node(cfg: D2CfgNode, path: str) -> D2CfgNode:
     return cfg
 
 
-def _add_missing(target: D2CfgNode, defaults: AlgmCfgNode, node_type: type) -> None:
+def _add_missing(target: D2CfgNode, defaults: AlgmCfgNode) -> None:
     """Copy the keys of ``defaults`` that ``target`` lacks (sub-nodes recursively), leaving its own keys alone."""
     for key, value in defaults.items():
         if key not in target:
-            target[key] = node_type(value) if isinstance(value, dict) else value
+            target[key] = CfgNode(value) if isinstance(value, dict) else value
         elif isinstance(value, dict) and isinstance(target[key], dict):
-            _add_missing(target[key], value, node_type)
+            _add_missing(target[key], value)
 
 
 def _upgrade(node: D2CfgNode) -> None:
@@ -88,13 +95,12 @@ def add_algm_config(cfg: D2CfgNode) -> None:
         raise ValueError("add_algm_config needs an unfrozen config (call it before cfg.freeze())")
     _upgrade(cfg)
     defaults = algm_get_cfg()
-    node_type = CfgNode
     for path in BRIDGED_NODES:
         parent, _, name = path.rpartition(".")
         target = _node(cfg, parent)
         if name not in target:
-            target[name] = node_type()
-        _add_missing(target[name], _node(defaults, path), node_type)
+            target[name] = CfgNode()
+        _add_missing(target[name], _node(defaults, path))
     for path in BRIDGED_KEYS:
         parent, _, name = path.rpartition(".")
         target = _node(cfg, parent)

@@ -78,6 +78,11 @@ def test_threshold_keys_take_floats_and_rule_strings(tmp_path):
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.HIDDEN_DIM"):  # other keys keep their types
         cfg.merge_from_list(["MODEL.MASK_FORMER.HIDDEN_DIM", "'wide'"])
     assert type(cfg.clone()) is CfgNode
+    # a node another project adds afterwards merges too
+    cfg = get_cfg()
+    cfg.MODEL.OTHER_PROJECT = type(mask2former_cfg())({"SCALE": 1.0})
+    cfg.merge_from_list(["MODEL.OTHER_PROJECT.SCALE", "2.0"])
+    assert cfg.MODEL.OTHER_PROJECT.SCALE == 2.0
 
 
 def test_needs_mask2former_config_first():
