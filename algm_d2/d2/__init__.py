@@ -16,6 +16,7 @@ from .backbone import (
     MERGED_TOKENS, ALGMViTAdapterBackbone, ALGMViTBackbone, ALGMViTPyramidBackbone, MergedTokens,
     build_algm_vit_adapter_backbone, build_algm_vit_backbone, build_algm_vit_pyramid_backbone,
 )
+from .checkpoint import to_maskformer_layout
 from .config import CfgNode, add_algm_config, get_cfg
 from .head import MergedTokenMask2FormerHead, build_merged_token_mask2former_head
 from .meta_arch import ALGMMask2Former, ALGMMergedTokenMask2Former, ALGMSegmenter, BridgedSegmentor
@@ -26,4 +27,5 @@ __all__ = [
     "build_algm_vit_adapter_backbone", "build_algm_vit_backbone", "build_algm_vit_pyramid_backbone", "CfgNode",
     "add_algm_config", "get_cfg", "MergedTokenMask2FormerHead", "build_merged_token_mask2former_head",
     "ALGMMask2Former", "ALGMMergedTokenMask2Former", "ALGMSegmenter", "BridgedSegmentor", "build_optimizer",
+    "to_maskformer_layout",
 ]

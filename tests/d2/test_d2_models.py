@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 from algm_d2.checkpoint import load_model_weights  # noqa: E402
 from algm_d2.config import get_cfg as algm_get_cfg  # noqa: E402
 from algm_d2.d2 import MERGED_TOKENS, ALGMSegmenter  # noqa: E402
+from algm_d2.d2.checkpoint import to_maskformer_layout  # noqa: E402
 from algm_d2.modeling import MergedTokenMask2Former, ViTAdapter  # noqa: E402
 from algm_d2.modeling import build_model as algm_build_model  # noqa: E402
 
@@ -35,6 +36,11 @@ def segmenter_cfg(*extra):  # noqa: ANN001, ANN201
 
 def pyramid_cfg(*extra):  # noqa: ANN001, ANN201
     return merged_token_cfg(["MODEL.BACKBONE.NAME", "build_algm_vit_pyramid_backbone"], *extra)
+
+
+def pyramid_mask2former_cfg(*extra):  # noqa: ANN001, ANN201
+    """The simple pyramid under Mask2Former's own head (its MSDeformAttnPixelDecoder on res2..res5)."""
+    return pyramid_cfg(["MODEL.SEM_SEG_HEAD.NAME", "MaskFormerHead"], *extra)
 
 
 def eva02_pyramid_cfg(*extra):  # noqa: ANN001, ANN201
@@ -71,7 +77,7 @@ def training_batch(cfg, root) -> List[Dict[str, Any]]:  # noqa: ANN001
     return [mapper(dict(record)) for record in DatasetCatalog.get(name)]
 
 
-@pytest.mark.parametrize("make_cfg", [merged_token_cfg, adapter_cfg, segmenter_cfg])
+@pytest.mark.parametrize("make_cfg", [merged_token_cfg, pyramid_mask2former_cfg, adapter_cfg, segmenter_cfg])
 def test_one_training_step(make_cfg, tmp_path):
     torch.manual_seed(0)
     cfg = make_cfg(["DATASETS.TRAIN", ("algm_d2_tiny_step",)])
@@ -190,8 +196,9 @@ def test_meta_arch_equals_algm_segmentor():
     assert bridged.merge_stats["tokens_per_layer"][-1] == ours.merge_stats["tokens_per_layer"][-1]
 
 
-def test_merged_token_head_equals_merged_token_mask2former():
-    """Mask2Former's MaskFormer with the bridged backbone + head = algm_d2's MergedTokenMask2Former, same weights."""
+def test_merged_token_head_equals_merged_token_mask2former(tmp_path):
+    """Mask2Former's MaskFormer with the bridged backbone + head = algm_d2's MergedTokenMask2Former, same weights;
+    algm_d2's checkpoints of it load through detectron2's checkpointer once in MaskFormer's layout."""
     torch.manual_seed(0)
     cfg = merged_token_cfg(["DATASETS.TRAIN", ("x",)])
     bridged = build_model(cfg).eval()
@@ -211,6 +218,17 @@ def test_merged_token_head_equals_merged_token_mask2former():
     assert len(out["aux_outputs"]) == len(reference["aux_outputs"]) == 2
     assert all(torch.equal(a["pred_masks"], b["pred_masks"]) for a, b in zip(out["aux_outputs"],
                                                                              reference["aux_outputs"]))
+    # algm_d2's layouts: the bare network (backbone.*, decoder.*) and its trainer's model.pth (net.backbone.*, ...)
+    for name, state in (("bare.pth", ours.state_dict()),
+                        ("model.pth", {"net." + k: v for k, v in ours.state_dict().items()})):
+        torch.save({"model": to_maskformer_layout(state)}, tmp_path / name)
+        torch.manual_seed(1)
+        restored = build_model(cfg).eval()
+        DetectionCheckpointer(restored).load(str(tmp_path / name))
+        with torch.no_grad():
+            assert torch.equal(restored.sem_seg_head(restored.backbone(images))["pred_masks"], out["pred_masks"]), name
+    with pytest.raises(KeyError, match="decode_head.x"):
+        to_maskformer_layout({"decode_head.x": torch.zeros(1)})
 
 
 def test_adapter_backbone_equals_vit_adapter():
