@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from .common import (
-    MERGING, NUM_CLASSES, SIZE, SLIDE_TEST, adapter_cfg, merged_token_cfg, register_tiny_dataset, tiny_cfg,
+    CONFIGS, MERGING, NUM_CLASSES, SIZE, SLIDE_TEST, TINY_ADAPTER, TINY_MASK2FORMER, adapter_cfg, merged_token_cfg,
+    register_tiny_dataset, tiny_cfg,
 )
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -243,3 +244,26 @@ def test_adapter_backbone_equals_vit_adapter():
         reference, state = ours(images)
     assert state.merged
     assert all(torch.equal(out[f"res{i + 2}"], reference[i]) for i in range(4))
+
+
+def test_eva_meta_arch_equals_algm_mask2former(tmp_path):
+    """ALGMMask2Former (configs/detectron2) = algm_d2's Mask2Former from configs/demo/eva_tiny_algm.yaml, same
+    weights; one training step through Mask2Former's semantic mapper."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("algm_eva01_vit_adapter_mask2former_896_algm.yaml", TINY_ADAPTER, TINY_MASK2FORMER, MERGING,
+                   SLIDE_TEST, ["MODEL.MASK_FORMER.DEC_LAYERS", 4, "MODEL.SEM_SEG_HEAD.ENC_NUM_HEADS", 4,
+                                "MODEL.SEM_SEG_HEAD.ENC_NUM_POINTS", 2, "MODEL.SEM_SEG_HEAD.ENC_DIM_FEEDFORWARD", 64,
+                                "DATASETS.TRAIN", ("algm_d2_tiny_step",)])
+    bridged = build_model(cfg)
+    ours_cfg = algm_get_cfg()
+    ours_cfg.merge_from_file(str(CONFIGS.parents[1] / "demo" / "eva_tiny_algm.yaml"))
+    ours_cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.IMG_SIZE", SIZE, *MERGING, "TEST.MODE", "slide",
+                              *SLIDE_TEST, "MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN, "MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD])
+    ours = algm_build_model(ours_cfg)
+    ours.load_state_dict(bridged.state_dict(), strict=True)
+    images = [{"image": torch.randint(0, 255, (3, SIZE, 96), dtype=torch.uint8), "height": 50, "width": 70}]
+    with torch.no_grad():
+        out, reference = bridged.eval()(images)[0]["sem_seg"], ours.eval()(images)[0]["sem_seg"]
+    assert out.shape == (NUM_CLASSES, 50, 70) and torch.equal(out, reference)
+    losses = bridged.train()(training_batch(cfg, tmp_path))
+    assert losses and all(torch.isfinite(v) for v in losses.values())
