@@ -49,7 +49,8 @@ def register(root: Path, name: str, count: int, size: int) -> None:
 
 @torch.no_grad()
 def images_per_second(model: torch.nn.Module, batch: torch.Tensor, rounds: int, iters: int) -> Dict[str, float]:
-    """Backbone + head forward on the normalized ``batch``, ALGM off and on in interleaved rounds; the median images/s of each."""
+    """Backbone + head forward on the normalized ``batch``, ALGM off and on in interleaved rounds; the median
+    images/s of each."""
     backbone = model.backbone
     algm = backbone.algm
     rates: Dict[str, List[float]] = {"plain": [], "algm": []}
@@ -85,12 +86,14 @@ def run() -> None:
             "DATASETS.TRAIN", "('gpu_check_train',)", "DATASETS.TEST", "('gpu_check_val',)",
             "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", size, "INPUT.CROP.SIZE", f"({size}, {size})",
             "INPUT.SIZE_DIVISIBILITY", size, "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size,
-            "SOLVER.IMS_PER_BATCH", options.batch, "SOLVER.MAX_ITER", options.iters, "SOLVER.CHECKPOINT_PERIOD", 10 ** 6,
+            "SOLVER.IMS_PER_BATCH", options.batch, "SOLVER.MAX_ITER", options.iters,
+            "SOLVER.CHECKPOINT_PERIOD", 10 ** 6,
             "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "bfloat16", "TEST.EVAL_PERIOD", 0,
             "DATALOADER.NUM_WORKERS", 2, "OUTPUT_DIR", options.output_dir / "train_net"]
     args = default_argument_parser().parse_args(["--config-file", str(CONFIG), *map(str, opts)])
     main(args)  # trains options.iters bf16 iterations, saves model_final.pth, evaluates gpu_check_val
-    metrics = [json.loads(line) for line in (options.output_dir / "train_net" / "metrics.json").read_text().splitlines()]
+    metrics_file = options.output_dir / "train_net" / "metrics.json"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     cfg = setup(args)
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(str(options.output_dir / "train_net" / "model_final.pth"))

@@ -43,7 +43,8 @@ def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:  # noqa: ANN001
     out = []
     for group in groups:
         for in_backbone in (True, False):
-            members = [(n, p) for n, p in zip(group["names"], group["params"]) if bool(_BACKBONE.match(n)) == in_backbone]
+            members = [(n, p) for n, p in zip(group["names"], group["params"])
+                       if bool(_BACKBONE.match(n)) == in_backbone]
             if not members:
                 continue
             scale = solver.BACKBONE_MULTIPLIER if in_backbone else 1.0

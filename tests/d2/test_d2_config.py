@@ -68,7 +68,8 @@ def test_threshold_keys_take_floats_and_rule_strings(tmp_path):
     cfg.merge_from_list(["MODEL.ALGM.GLOBAL_THRESHOLD", "0.9", "MODEL.ALGM.LOCAL_THRESHOLD", "batch_stats"])
     assert cfg.MODEL.ALGM.GLOBAL_THRESHOLD == 0.9 and cfg.MODEL.ALGM.LOCAL_THRESHOLD == "batch_stats"
     path = tmp_path / "x.yaml"
-    path.write_text("MODEL:\n  ALGM:\n    LOCAL_THRESHOLD: 'top:4'\n    GLOBAL_THRESHOLD: 0.75\nSOLVER:\n  BASE_LR: 1\n")
+    path.write_text("MODEL:\n  ALGM:\n    LOCAL_THRESHOLD: 'top:4'\n    GLOBAL_THRESHOLD: 0.75\n"
+                    "SOLVER:\n  BASE_LR: 1\n")
     cfg.merge_from_file(str(path))
     assert (cfg.MODEL.ALGM.LOCAL_THRESHOLD, cfg.MODEL.ALGM.GLOBAL_THRESHOLD, cfg.SOLVER.BASE_LR) == ("top:4", 0.75, 1.0)
     with pytest.raises(ValueError, match="MODEL.ALGM.GLOBAL_THRESHOLD"):

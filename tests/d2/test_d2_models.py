@@ -258,7 +258,8 @@ def test_eva_meta_arch_equals_algm_mask2former(tmp_path):
     ours_cfg = algm_get_cfg()
     ours_cfg.merge_from_file(str(CONFIGS.parents[1] / "demo" / "eva_tiny_algm.yaml"))
     ours_cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.IMG_SIZE", SIZE, *MERGING, "TEST.MODE", "slide",
-                              *SLIDE_TEST, "MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN, "MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD])
+                              *SLIDE_TEST, "MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN,
+                              "MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD])
     ours = algm_build_model(ours_cfg)
     ours.load_state_dict(bridged.state_dict(), strict=True)
     images = [{"image": torch.randint(0, 255, (3, SIZE, 96), dtype=torch.uint8), "height": 50, "width": 70}]
