@@ -3,7 +3,8 @@
 training iterations and an evaluation on a synthetic ADE20K-like dataset written to disk, then inference images/s
 with ALGM off and on (same weights and images, interleaved rounds, bf16 autocast, a synchronize after every batch).
 
-  python tools/d2_gpu_check.py --output-dir output/d2_gpu_check [--iters 5] [--size 512] [--batch 4]
+  python tools/d2_gpu_check.py --output-dir output/d2_gpu_check [--iters 5] [--size 512] [--batch 4] [KEY VALUE ...]
+(KEY VALUE: config overrides, e.g. a smaller EVA: MODEL.BACKBONE.EMBED_DIM 1024 MODEL.BACKBONE.DEPTH 24 ...)
 Needs detectron2 and Mask2Former (tools/d2_gpu_check.sh installs them from the pinned sources).
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ def run() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side (a multiple of 32)")
     parser.add_argument("--batch", type=int, default=4, help="images per training step and per timed forward")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     options = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/d2_gpu_check.py needs a CUDA GPU")
@@ -89,7 +91,7 @@ def run() -> None:
             "SOLVER.IMS_PER_BATCH", options.batch, "SOLVER.MAX_ITER", options.iters,
             "SOLVER.CHECKPOINT_PERIOD", 10 ** 6,
             "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "bfloat16", "TEST.EVAL_PERIOD", 0,
-            "DATALOADER.NUM_WORKERS", 2, "OUTPUT_DIR", options.output_dir / "train_net"]
+            "DATALOADER.NUM_WORKERS", 2, "OUTPUT_DIR", options.output_dir / "train_net", *options.opts]
     args = default_argument_parser().parse_args(["--config-file", str(CONFIG), *map(str, opts)])
     main(args)  # trains options.iters bf16 iterations, saves model_final.pth, evaluates gpu_check_val
     metrics_file = options.output_dir / "train_net" / "metrics.json"
