@@ -2,6 +2,8 @@
 the log-size bias == attention to the unmerged grid, and strict loading of the release's mmseg key layout."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,36 @@ def test_out_indices_must_match_the_decoders():
     cfg.MODEL.SEGVIT.OUT_INDICES = (5, 3, 1)
     with pytest.raises(ValueError, match="OUT_INDICES must be increasing"):
         build_model(cfg)
+
+
+def test_benchmark_tool_times_a_network_from_its_config_plain_and_with_algm(tmp_path):
+    from .test_tools import load_tool
+
+    load_tool("benchmark").main(["--config-file", "configs/demo/segvit_tiny.yaml", "--image-size", "64",
+                                 "--batch-size", "2", "--num-images", "2", "--precision", "fp32", "--warmup", "1",
+                                 "--iters", "2", "--rounds", "1", "--flops-images", "1", "--device", "cpu",
+                                 "--settings", "baseline", "paper_level", "--protocols", "repeat", "--global-layer",
+                                 "3", "--output-dir", str(tmp_path), "MODEL.BACKBONE.EMBED_DIM", "32",
+                                 "MODEL.SEGVIT.EMBED_DIM", "16"])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    base, merged = report["results"]["baseline"], report["results"]["paper_level"]
+    assert base["protocols"]["repeat"]["images_per_second"] > 0
+    assert merged["gflops_per_image"] < base["gflops_per_image"]
+    assert report["config"]["model"] == "configs/demo/segvit_tiny.yaml"
+
+
+def test_imagenet_weights_initialise_a_vit_without_class_token(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+    from timm.models.vision_transformer import VisionTransformer
+
+    from algm_d2.checkpoint import load_pretrained_vit
+
+    torch.manual_seed(0)
+    imagenet = VisionTransformer(img_size=48, patch_size=16, embed_dim=DIM, depth=6, num_heads=2, num_classes=10)
+    torch.save(imagenet.state_dict(), tmp_path / "vit.pth")  # 1 + 3x3 positions, a class token and a classifier
+    net = build_model(segvit_cfg()).net  # 64x64: a 4x4 grid without class token
+    load_pretrained_vit(net.backbone, tmp_path / "vit.pth")
+    # the patch positions only, resized as timm resizes them (its filter)
+    expected = resample_abs_pos_embed(imagenet.pos_embed[:, 1:].detach(), (4, 4), num_prefix_tokens=0)
+    torch.testing.assert_close(net.backbone.pos_embed.data, expected)
+    torch.testing.assert_close(net.backbone.blocks[4].mlp.fc1.weight, imagenet.blocks[4].mlp.fc1.weight)

@@ -59,7 +59,8 @@ class ATMDecoderLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        # sequence-first as the release (and outside torch's fused inference path, which FLOP counters cannot see)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout)
         self.multihead_attn = ATMCrossAttention(dim, num_heads, attn_drop=dropout)
         self.linear1 = nn.Linear(dim, 4 * dim)
         self.linear2 = nn.Linear(4 * dim, dim)
@@ -68,7 +69,8 @@ class ATMDecoderLayer(nn.Module):
         self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout)
 
     def forward(self, queries: Tensor, memory: Tensor, key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        x = self.norm1(queries + self.dropout1(self.self_attn(queries, queries, queries, need_weights=False)[0]))
+        seq = queries.transpose(0, 1)
+        x = self.norm1(queries + self.dropout1(self.self_attn(seq, seq, seq, need_weights=False)[0].transpose(0, 1)))
         attended, logits = self.multihead_attn(x, memory, key_bias)
         x = self.norm2(x + self.dropout2(attended))
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
