@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...merge import ALGMConfig, MergeState
@@ -50,7 +51,7 @@ class TappedViTNet(nn.Module):
     def pad_targets(self, targets: Tensor, size: Tuple[int, int]) -> Tensor:
         """Labels ``[B, H, W]`` padded bottom/right with the ignore value to the padded image ``size``."""
         pad = (0, size[1] - targets.shape[-1], 0, size[0] - targets.shape[-2])
-        return nn.functional.pad(targets, pad, value=self.ignore_value)
+        return F.pad(targets, pad, value=self.ignore_value)
 
     @property
     def algm(self) -> ALGMConfig:
