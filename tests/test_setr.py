@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from algm_d2.checkpoint import CheckpointMismatchError, load_model_weights
 from algm_d2.config import get_cfg
 from algm_d2.engine.optim import build_optimizer
-from algm_d2.merge import FixedLevel, MergeState, global_merge, local_merge
+from algm_d2.merge import ALGMConfig, FixedLevel, MergeState, global_merge, local_merge
 from algm_d2.modeling import build_model
 from algm_d2.modeling.backbone.taps import Tap
 from algm_d2.modeling.heads.setr_heads import SETRMLAHead, SETRMLANeck, SETRUpHead
@@ -293,3 +293,16 @@ def test_bad_setr_settings_name_the_key():
     cfg.MODEL.SETR.MLA_INDEX = (0, 1, 2, 9)
     with pytest.raises(ValueError, match="MODEL.SETR.MLA_INDEX: block index 9"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("head", ["naive", "mla"])
+def test_algm_that_merges_nothing_gives_the_plain_outputs(head):
+    torch.manual_seed(0)
+    net = build_model(setr_cfg(head)).net.eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        plain = net(images)
+        net.set_algm(ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(count=0),
+                                global_threshold=FixedLevel(count=0)))
+        nothing = net(images)
+    torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
