@@ -16,7 +16,7 @@ from algm_d2.modeling.backbone.taps import Tap
 from algm_d2.modeling.heads.atm_head import ATMHead, ATMLoss
 from algm_d2.modeling.mask2former import semantic_to_instance_targets
 
-from .test_setr import CLASSES, DIM, batch, merged_tap, unmerged
+from .test_setr import CLASSES, DIM, assert_full_size_layout, batch, merged_tap, unmerged
 
 
 def segvit_cfg(algm: bool = False):
@@ -141,23 +141,23 @@ def test_atm_loss_matches_hand_computed_values():
     torch.testing.assert_close(out["loss_dice"], 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1))
 
 
-def release_layout(depth: int = 6, grid: int = 4) -> dict:
-    """A zbwxp/SegVit (mmseg 0.24 VisionTransformer + ATMHead) checkpoint for the tiny config, by module names."""
-    g = torch.Generator().manual_seed(2)
-    shapes = {"backbone.cls_token": (1, 1, DIM), "backbone.pos_embed": (1, 1 + grid * grid, DIM),
-              "backbone.patch_embed.projection.weight": (DIM, 3, 16, 16), "backbone.patch_embed.projection.bias": (DIM,)}
+def release_shapes(*, dim: int = DIM, depth: int = 6, grid: int = 4, d: int = 16, layers: int = 2,
+                   classes: int = CLASSES) -> dict:
+    """Key → shape of a zbwxp/SegVit checkpoint (mmseg 0.24 ``VisionTransformer`` + ``ATMHead`` over torch's
+    ``TransformerDecoderLayer``, ``ATMLoss``'s criterion buffer), written from the release's module names."""
+    shapes = {"backbone.cls_token": (1, 1, dim), "backbone.pos_embed": (1, 1 + grid * grid, dim),
+              "backbone.patch_embed.projection.weight": (dim, 3, 16, 16), "backbone.patch_embed.projection.bias": (dim,)}
     for i in range(depth):
         p = f"backbone.layers.{i}."
-        shapes.update({p + "ln1.weight": (DIM,), p + "ln1.bias": (DIM,), p + "attn.attn.in_proj_weight": (3 * DIM, DIM),
-                       p + "attn.attn.in_proj_bias": (3 * DIM,), p + "attn.attn.out_proj.weight": (DIM, DIM),
-                       p + "attn.attn.out_proj.bias": (DIM,), p + "ln2.weight": (DIM,), p + "ln2.bias": (DIM,),
-                       p + "ffn.layers.0.0.weight": (4 * DIM, DIM), p + "ffn.layers.0.0.bias": (4 * DIM,),
-                       p + "ffn.layers.1.weight": (DIM, 4 * DIM), p + "ffn.layers.1.bias": (DIM,)})
-    d = 16
+        shapes.update({p + "ln1.weight": (dim,), p + "ln1.bias": (dim,), p + "attn.attn.in_proj_weight": (3 * dim, dim),
+                       p + "attn.attn.in_proj_bias": (3 * dim,), p + "attn.attn.out_proj.weight": (dim, dim),
+                       p + "attn.attn.out_proj.bias": (dim,), p + "ln2.weight": (dim,), p + "ln2.bias": (dim,),
+                       p + "ffn.layers.0.0.weight": (4 * dim, dim), p + "ffn.layers.0.0.bias": (4 * dim,),
+                       p + "ffn.layers.1.weight": (dim, 4 * dim), p + "ffn.layers.1.bias": (dim,)})
     for i in (1, 2, 3):
-        shapes.update({f"decode_head.input_proj_{i}.weight": (d, DIM), f"decode_head.input_proj_{i}.bias": (d,),
+        shapes.update({f"decode_head.input_proj_{i}.weight": (d, dim), f"decode_head.input_proj_{i}.bias": (d,),
                        f"decode_head.proj_norm_{i}.weight": (d,), f"decode_head.proj_norm_{i}.bias": (d,)})
-        for j in range(2):
+        for j in range(layers):
             p = f"decode_head.decoder_{i}.layers.{j}."
             shapes.update({p + "self_attn.in_proj_weight": (3 * d, d), p + "self_attn.in_proj_bias": (3 * d,),
                            p + "self_attn.out_proj.weight": (d, d), p + "self_attn.out_proj.bias": (d,),
@@ -166,10 +166,20 @@ def release_layout(depth: int = 6, grid: int = 4) -> dict:
             shapes.update({p + f"multihead_attn.{n}.{k}": (d, d) if k == "weight" else (d,)
                            for n in ("q", "k", "v", "proj") for k in ("weight", "bias")})
             shapes.update({p + f"norm{n}.{k}": (d,) for n in (1, 2, 3) for k in ("weight", "bias")})
-    shapes.update({"decode_head.q.weight": (CLASSES, d), "decode_head.class_embed.weight": (CLASSES + 1, d),
-                   "decode_head.class_embed.bias": (CLASSES + 1,),
-                   "decode_head.loss_decode.criterion.empty_weight": (CLASSES + 1,)})
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    shapes.update({"decode_head.q.weight": (classes, d), "decode_head.class_embed.weight": (classes + 1, d),
+                   "decode_head.class_embed.bias": (classes + 1,),
+                   "decode_head.loss_decode.criterion.empty_weight": (classes + 1,)})
+    return shapes
+
+
+def release_layout() -> dict:
+    g = torch.Generator().manual_seed(2)
+    return {k: torch.randn(s, generator=g) for k, s in release_shapes().items()}
+
+
+def test_full_size_config_takes_the_releases_keys_and_shapes():
+    release = release_shapes(dim=1024, depth=24, grid=40, d=512, layers=3, classes=150)
+    assert_full_size_layout("configs/ade20k/segvit/segvit_vit_large_atm_640x640_160k_algm.yaml", release)
 
 
 def test_checkpoint_in_the_release_layout_loads_strictly_and_blocks_compute_as_mmseg(tmp_path, caplog):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from algm_d2.checkpoint import CheckpointMismatchError, load_model_weights
+from algm_d2.checkpoint.released import convert_released
+from algm_d2.checkpoint.segmenter import raise_on_mismatch
 from algm_d2.config import get_cfg
 from algm_d2.engine.optim import build_optimizer
 from algm_d2.merge import ALGMConfig, FixedLevel, MergeState, global_merge, local_merge
@@ -188,53 +190,92 @@ def test_mla_neck_and_head_compute_what_the_release_computes():
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
-def release_layout(head: str, depth: int = 6, grid: int = 4, channels: int = 512) -> dict:
-    """Shapes of a fudan-zvg/SETR EncoderDecoder checkpoint for the tiny configs, from the release's module names."""
-    g = torch.Generator().manual_seed(1)
-    shapes = {"backbone.cls_token": (1, 1, DIM), "backbone.pos_embed": (1, 1 + grid * grid, DIM),
-              "backbone.patch_embed.proj.weight": (DIM, 3, 16, 16), "backbone.patch_embed.proj.bias": (DIM,)}
+def release_shapes(head: str, *, dim: int = DIM, depth: int = 6, grid: int = 4, classes: int = CLASSES,
+                   aux: int = 2, mla: tuple = (32, 16), channels: int = 512) -> dict:
+    """Key → shape of a fudan-zvg/SETR EncoderDecoder checkpoint, written from the release's module names
+    (``VisionTransformer``/``VIT_MLA`` + ``Conv_MLA``, ``VisionTransformerUpHead``, ``VIT_MLAHead``,
+    ``VIT_MLA_AUXIHead``; mmseg's ``BaseDecodeHead`` adds an unused ``conv_seg``)."""
+    shapes = {"backbone.cls_token": (1, 1, dim), "backbone.pos_embed": (1, 1 + grid * grid, dim),
+              "backbone.patch_embed.proj.weight": (dim, 3, 16, 16), "backbone.patch_embed.proj.bias": (dim,)}
     for i in range(depth):
         p = f"backbone.blocks.{i}."
-        shapes.update({p + "norm1.weight": (DIM,), p + "norm1.bias": (DIM,), p + "attn.qkv.weight": (3 * DIM, DIM),
-                       p + "attn.qkv.bias": (3 * DIM,), p + "attn.proj.weight": (DIM, DIM), p + "attn.proj.bias": (DIM,),
-                       p + "norm2.weight": (DIM,), p + "norm2.bias": (DIM,), p + "mlp.fc1.weight": (4 * DIM, DIM),
-                       p + "mlp.fc1.bias": (4 * DIM,), p + "mlp.fc2.weight": (DIM, 4 * DIM), p + "mlp.fc2.bias": (DIM,)})
+        shapes.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim),
+                       p + "attn.qkv.bias": (3 * dim,), p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
+                       p + "norm2.weight": (dim,), p + "norm2.bias": (dim,), p + "mlp.fc1.weight": (4 * dim, dim),
+                       p + "mlp.fc1.bias": (4 * dim,), p + "mlp.fc2.weight": (dim, 4 * dim), p + "mlp.fc2.bias": (dim,)})
 
     def bn(prefix, n):
         shapes.update({prefix + "weight": (n,), prefix + "bias": (n,), prefix + "running_mean": (n,),
                        prefix + "running_var": (n,), prefix + "num_batches_tracked": ()})
 
-    def up_head(prefix, first_kernel):
-        shapes.update({prefix + "norm.weight": (DIM,), prefix + "norm.bias": (DIM,),
-                       prefix + "conv_0.weight": (256, DIM, first_kernel, first_kernel), prefix + "conv_0.bias": (256,),
-                       prefix + "conv_1.weight": (CLASSES, 256, 1, 1), prefix + "conv_1.bias": (CLASSES,),
-                       prefix + "conv_seg.weight": (CLASSES, channels, 1, 1), prefix + "conv_seg.bias": (CLASSES,)})
-        bn(prefix + "syncbn_fc_0.", 256)
+    def conv_seg(prefix):
+        shapes.update({prefix + "conv_seg.weight": (classes, channels, 1, 1), prefix + "conv_seg.bias": (classes,)})
+
+    def up_head(prefix, kernels):  # kernels of conv_0 .. conv_{n-1}; then the 1x1 classifier conv_n
+        shapes.update({prefix + "norm.weight": (dim,), prefix + "norm.bias": (dim,)})
+        for i, k in enumerate(kernels):
+            shapes.update({prefix + f"conv_{i}.weight": (256, dim if i == 0 else 256, k, k),
+                           prefix + f"conv_{i}.bias": (256,)})
+            bn(prefix + f"syncbn_fc_{i}.", 256)
+        n = len(kernels)
+        shapes.update({prefix + f"conv_{n}.weight": (classes, 256, 1, 1), prefix + f"conv_{n}.bias": (classes,)})
+        conv_seg(prefix)
 
     if head == "naive":
-        up_head("decode_head.", 1)
-        for i in range(2):
-            up_head(f"auxiliary_head.{i}.", 1)
-    else:  # mla, MLA_CHANNELS 32, MLAHEAD_CHANNELS 16 as configs/demo/setr_tiny.yaml
-        shapes.update({f"backbone.norm_{i}.{k}": (DIM,) for i in range(4) for k in ("weight", "bias")})
+        up_head("decode_head.", [1])
+        for i in range(aux):
+            up_head(f"auxiliary_head.{i}.", [1])
+    elif head == "pup":
+        up_head("decode_head.", [3, 3, 3, 3])
+        for i in range(aux):
+            up_head(f"auxiliary_head.{i}.", [3])
+    else:
+        c, h = mla
+        shapes.update({f"backbone.norm_{i}.{k}": (dim,) for i in range(4) for k in ("weight", "bias")})
         for level in (2, 3, 4, 5):
-            shapes[f"backbone.mla.mla_p{level}_1x1.0.weight"] = (32, DIM, 1, 1)
-            bn(f"backbone.mla.mla_p{level}_1x1.1.", 32)
-            shapes[f"backbone.mla.mla_p{level}.0.weight"] = (32, 32, 3, 3)
-            bn(f"backbone.mla.mla_p{level}.1.", 32)
-            shapes[f"decode_head.mlahead.head{level}.0.weight"] = (16, 32, 3, 3)
-            bn(f"decode_head.mlahead.head{level}.1.", 16)
-            shapes[f"decode_head.mlahead.head{level}.3.weight"] = (16, 16, 3, 3)
-            bn(f"decode_head.mlahead.head{level}.4.", 16)
-        shapes.update({"decode_head.cls.weight": (CLASSES, 64, 3, 3), "decode_head.cls.bias": (CLASSES,),
-                       "decode_head.conv_seg.weight": (CLASSES, channels, 1, 1), "decode_head.conv_seg.bias": (CLASSES,)})
-        for i in range(4):
-            shapes.update({f"auxiliary_head.{i}.aux.weight": (CLASSES, 32, 1, 1),
-                           f"auxiliary_head.{i}.conv_seg.weight": (CLASSES, channels, 1, 1),
-                           f"auxiliary_head.{i}.conv_seg.bias": (CLASSES,)})
+            shapes[f"backbone.mla.mla_p{level}_1x1.0.weight"] = (c, dim, 1, 1)
+            bn(f"backbone.mla.mla_p{level}_1x1.1.", c)
+            shapes[f"backbone.mla.mla_p{level}.0.weight"] = (c, c, 3, 3)
+            bn(f"backbone.mla.mla_p{level}.1.", c)
+            shapes[f"decode_head.mlahead.head{level}.0.weight"] = (h, c, 3, 3)
+            bn(f"decode_head.mlahead.head{level}.1.", h)
+            shapes[f"decode_head.mlahead.head{level}.3.weight"] = (h, h, 3, 3)
+            bn(f"decode_head.mlahead.head{level}.4.", h)
+        shapes.update({"decode_head.cls.weight": (classes, 4 * h, 3, 3), "decode_head.cls.bias": (classes,)})
+        conv_seg("decode_head.")
+        for i in range(aux):
+            shapes[f"auxiliary_head.{i}.aux.weight"] = (classes, c, 1, 1)
+            conv_seg(f"auxiliary_head.{i}.")
+    return shapes
+
+
+def random_tensors(shapes: dict, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
     return {k: (torch.randint(0, 9, s, generator=g) if k.endswith("num_batches_tracked") else
                 torch.rand(s, generator=g) + 0.5 if k.endswith("running_var") else torch.randn(s, generator=g))
             for k, s in shapes.items()}
+
+
+def release_layout(head: str) -> dict:
+    """A tiny checkpoint in the release's layout for the tiny configs (MLA: 4 auxiliary heads)."""
+    return random_tensors(release_shapes(head, aux=4 if head == "mla" else 2))
+
+
+def assert_full_size_layout(config: str, release: dict) -> None:
+    """The network ``config`` builds (on the meta device) takes exactly the release's keys and shapes."""
+    cfg = get_cfg()
+    cfg.merge_from_file(config)
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        net = build_model(cfg).net
+    meta = {k: torch.empty(s, device="meta") for k, s in release.items()}
+    raise_on_mismatch(net.state_dict(), convert_released(net, meta, config), f"{config} vs the release")
+
+
+@pytest.mark.parametrize("head, aux", [("naive", 3), ("pup", 4), ("mla", 4)])
+def test_full_size_configs_take_the_releases_keys_and_shapes(head, aux):
+    release = release_shapes(head, dim=1024, depth=24, grid=32, classes=150, aux=aux, mla=(256, 128))
+    assert_full_size_layout(f"configs/ade20k/setr/setr_{head}_vit_large_512x512_160k_algm.yaml", release)
 
 
 @pytest.mark.parametrize("head", ["naive", "mla"])
