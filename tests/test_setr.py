@@ -346,4 +346,6 @@ def test_algm_that_merges_nothing_gives_the_plain_outputs(head):
         net.set_algm(ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(count=0),
                                 global_threshold=FixedLevel(count=0)))
         nothing = net(images)
+        labels = net.predict_labels(images)
     torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, nothing.argmax(1))

@@ -64,6 +64,10 @@ class SegViT(TappedViTNet):
                               align_corners=False)
         return semantic_inference(outputs["pred_logits"], masks)[..., :height, :width]
 
+    def predict_labels(self, images: Tensor) -> Tensor:
+        """``forward(images).argmax(1)`` ``[B, H, W]`` (the benchmark's ``--output labels``)."""
+        return self.forward(images).argmax(1)
+
     def losses(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
         """ATM losses for ``images`` and semantic labels ``targets [B, H, W]`` (``ignore_value`` ignored)."""
         padded = self.pad(images)
