@@ -16,7 +16,7 @@ from algm_d2.modeling.backbone.taps import Tap
 from algm_d2.modeling.heads.atm_head import ATMHead, ATMLoss
 from algm_d2.modeling.mask2former import semantic_to_instance_targets
 
-from .test_setr import CLASSES, DIM, assert_full_size_layout, batch, merged_tap, unmerged
+from .test_setr import CLASSES, DIM, assert_full_size_layout, batch, merged_tap, setr_cfg, unmerged
 
 
 def segvit_cfg(algm: bool = False):
@@ -271,3 +271,21 @@ def test_algm_that_merges_nothing_gives_the_plain_scores():
         labels = net.predict_labels(images)
     torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(labels, nothing.argmax(1))
+
+
+@pytest.mark.parametrize("config", ["segvit", "setr_mla"])
+def test_a_padded_per_image_batch_gives_each_image_its_own_result(config):
+    cfg = segvit_cfg(algm=True) if config == "segvit" else setr_cfg("mla", algm=True)
+    cfg.merge_from_list(["MODEL.ALGM.BATCH_POLICY", "per_image", "MODEL.ALGM.LOCAL_THRESHOLD", "0.5",
+                         "MODEL.ALGM.GLOBAL_THRESHOLD", "0.3"])
+    torch.manual_seed(0)
+    net = build_model(cfg).net.double().eval()
+    images = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    images[0, :, :32] = images[0, :, :1, :1]  # a flat region: the first image merges more
+    with torch.no_grad():
+        both = net(images)
+        kept = net.merge_stats["tokens_per_layer"][-1]
+        alone = torch.cat([net(images[i:i + 1]) for i in range(2)])
+    assert kept[0] < kept[1] < 20  # neither ViT has a class token
+    # merges sum in float32 whatever the dtype: agreement to float32 rounding
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-7)
