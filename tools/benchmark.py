@@ -10,6 +10,8 @@ Examples:
   python tools/benchmark.py --checkpoint seg_small_mask/checkpoint.pth --images my_images/ --device cuda
   # a quick CPU run anyone can reproduce
   python tools/benchmark.py --variant tiny --image-size 256 --batch-size 4 --precision fp32 --warmup 2 --iters 5
+  # any network a config builds (SETR, SegViT, ...), random weights unless MODEL.WEIGHTS is given after the flags
+  python tools/benchmark.py --config-file configs/ade20k/setr/setr_naive_vit_large_512x512_160k.yaml --device cuda
 Writes benchmark.json and benchmark.md into --output-dir.
 """
 from __future__ import annotations
@@ -25,14 +27,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model  # noqa: E402
+from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model, load_model_weights  # noqa: E402
+from algm_d2.config import get_cfg  # noqa: E402
 from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
 from algm_d2.evaluation import save_json  # noqa: E402
 from algm_d2.evaluation.benchmark import (  # noqa: E402
     OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, fresh_mixed_batches,
     random_crops, standard_settings,
 )
-from algm_d2.modeling import SEGMENTER_VARIANTS  # noqa: E402
+from algm_d2.modeling import SEGMENTER_VARIANTS, build_model  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -43,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     model.add_argument("--variant", choices=sorted(SEGMENTER_VARIANTS), default="small",
                        help="random-weight Segmenter (ADE20K, 150 classes, mask transformer)")
     model.add_argument("--checkpoint", help="a release checkpoint.pth (variant.yml beside it)")
+    model.add_argument("--config-file", help="a config: the network it builds (random weights unless MODEL.WEIGHTS "
+                                             "is among the trailing KEY VALUE overrides); crop TEST.CROP_SIZE")
     parser.add_argument("--image-size", type=int, default=None, help="crop size (default 512; 640 for large)")
     parser.add_argument("--images", default="demo",
                         help="folder of images, or 'demo' for the procedural demo dataset (default)")
@@ -78,7 +83,24 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                              "cycles through the images themselves")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="with --config-file: config overrides KEY VALUE ...")
     return parser.parse_args(argv)
+
+
+def net_from_config(path: str, opts: list) -> tuple:
+    """(network, crop size, normalization on [0, 1] RGB, GBM layer of the config or None) of a config file."""
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        load_model_weights(model, cfg.MODEL.WEIGHTS)
+    normalization = {"mean": tuple(v / 255 for v in cfg.MODEL.PIXEL_MEAN),
+                     "std": tuple(v / 255 for v in cfg.MODEL.PIXEL_STD)}
+    global_layer = cfg.MODEL.ALGM.GLOBAL_LAYER if cfg.MODEL.ALGM.ENABLED else None
+    return model.net.eval(), cfg.TEST.CROP_SIZE, normalization, global_layer
 
 
 def load_images(source: str, count: int, size: int) -> torch.Tensor:
@@ -105,7 +127,12 @@ def load_images(source: str, count: int, size: int) -> torch.Tensor:
 def main(argv=None) -> None:  # noqa: ANN001
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    if args.checkpoint:
+    config_global_layer = None
+    if args.config_file:
+        net, crop, normalization, config_global_layer = net_from_config(args.config_file, args.opts)
+        size = args.image_size or crop
+        depth = net.encoder.depth
+    elif args.checkpoint:
         net = load_model(args.checkpoint)
         size = args.image_size or net.encoder.pretrain_grid[0] * net.patch_size
         normalization = net.normalization or NORMALIZATION["vit"]
@@ -120,7 +147,7 @@ def main(argv=None) -> None:  # noqa: ANN001
         net = build_from_variant(variant).eval()
         normalization = NORMALIZATION["vit"]
         depth = sizes["depth"]
-    global_layer = args.global_layer or (7 if depth == 24 else 5)
+    global_layer = args.global_layer or config_global_layer or (7 if depth == 24 else 5)
     settings = standard_settings(global_layer=global_layer, threshold=args.threshold)
     if args.settings:
         missing = set(args.settings) - set(settings)
@@ -147,7 +174,8 @@ def main(argv=None) -> None:  # noqa: ANN001
         report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)
         logger.info("encoder utilisation: %s", report["encoder_utilisation"])
-    report["config"].update({"model": args.checkpoint or f"segmenter_{args.variant} (random weights)",
+    model_name = args.config_file or args.checkpoint or f"segmenter_{args.variant} (random weights)"
+    report["config"].update({"model": model_name,
                              "images": args.images, "command": " ".join(sys.argv)})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

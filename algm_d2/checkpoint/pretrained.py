@@ -8,6 +8,7 @@ for (classifier, final/pooling norm, MIM heads) are dropped and logged.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Dict, Union
 
@@ -43,9 +44,24 @@ def read_pretrained(path: Union[str, Path], *, weights_only: bool = True) -> Dic
     return read_state_dict(path, weights_only=weights_only)
 
 
+def drop_unused_class_token(state_dict: Dict[str, torch.Tensor], backbone: ALGMViT, source: str
+                            ) -> Dict[str, torch.Tensor]:
+    """For a ViT whose blocks see patch tokens only (SETR-MLA, SegViT; their releases drop the class token before the
+    blocks): drop the file's ``cls_token`` and the class token's entry of a ``pos_embed`` laid out as 1 + side²."""
+    if backbone.cls_token is not None or "cls_token" not in state_dict:
+        return state_dict
+    state_dict = {k: v for k, v in state_dict.items() if k != "cls_token"}
+    pos = state_dict.get("pos_embed")
+    grid = 0 if pos is None else pos.shape[1] - 1
+    if grid > 0 and math.isqrt(grid) ** 2 == grid:
+        state_dict["pos_embed"] = pos[:, 1:]
+    logger.info("%s: the backbone has no class token: dropping cls_token and its position embedding", source)
+    return state_dict
+
+
 def load_pretrained_vit(backbone: ALGMViT, path: Union[str, Path], *, weights_only: bool = True) -> None:
     """Initialise ``backbone``'s ViT from a timm/EVA weight file; raise listing missing/unexpected/mis-shaped keys."""
-    state_dict = read_pretrained(path, weights_only=weights_only)
+    state_dict = drop_unused_class_token(read_pretrained(path, weights_only=weights_only), backbone, str(path))
     is_eva = "eva" in backbone.kinds
     convert = eva.checkpoint_filter_fn if is_eva else vision_transformer.checkpoint_filter_fn
     state_dict = convert(state_dict, backbone)

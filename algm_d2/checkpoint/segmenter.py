@@ -19,6 +19,7 @@ from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
 from ..modeling.backbone.build import build_segmenter_vit, check_vit_sizes
 from ..modeling.meta_arch.segmenter import Segmenter
+from .released import convert_released
 from .safe_load import UnreadableCheckpointError, UnsafeCheckpointError, load_checked
 
 logger = logging.getLogger(__name__)
@@ -170,11 +171,13 @@ def load_model(checkpoint_path: Union[str, Path], algm: Optional[ALGMConfig] = N
 
 def load_model_weights(model: nn.Module, path: Union[str, Path], *, weights_only: bool = True) -> None:
     """Load MODEL.WEIGHTS into a built model: our checkpoints (keys ``net.*``) into the model, release
-    checkpoints (``encoder.*``/``decoder.*``, ImageNet head dropped) into its ``net``; strict keys and shapes."""
+    checkpoints (Segmenter's ``encoder.*``/``decoder.*`` with the ImageNet head dropped; EVA's, SETR's and SegViT's
+    ``backbone.*``/``decode_head.*``, converted by :mod:`.released`) into its ``net``; strict keys and shapes."""
     state_dict = read_state_dict(path, weights_only=weights_only)
     target = model
     if hasattr(model, "net") and not any(k.startswith("net.") for k in state_dict):
         target = model.net
+        state_dict = convert_released(target, state_dict, str(path))  # SETR/SegViT release layouts
     # Non-persistent buffers (pixel statistics) are not in checkpoints; state_dict() already leaves them out.
     load_state_dict_strict(target, state_dict, str(path), drop_prefixes=DROPPED_PREFIXES)
     logger.info("loaded weights from %s into %s", path, type(target).__name__)

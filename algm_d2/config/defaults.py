@@ -36,7 +36,8 @@ def add_algm_config(cfg: CN) -> None:
 
 def _model(cfg: CN) -> None:
     cfg.MODEL = CN()
-    # Registered meta-architecture (algm_d2.modeling.META_ARCH_REGISTRY).
+    # Registered meta-architecture (algm_d2.modeling.META_ARCH_REGISTRY): "Segmenter", "SETR", "SegViT",
+    # "Mask2Former", "MergedTokenMask2Former".
     cfg.MODEL.META_ARCHITECTURE = "Segmenter"
     # Path to weights loaded after building (a released checkpoint or one of ours); "" = none.
     cfg.MODEL.WEIGHTS = ""
@@ -86,7 +87,7 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.BACKBONE.CUDA_GRAPH_BUCKETS = 16
 
     cfg.MODEL.SEM_SEG_HEAD = CN()
-    # Registered head: "MaskTransformer" (Segmenter's) or "LinearDecoder".
+    # Registered head: "MaskTransformer" (Segmenter's), "LinearDecoder", "SETRUpHead", "SETRMLAHead" or "ATMHead".
     cfg.MODEL.SEM_SEG_HEAD.NAME = "MaskTransformer"
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 150
     # Label value excluded from the loss and the metrics.
@@ -118,6 +119,8 @@ def _model(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL = "auto"
     _mask_former(cfg)
     _vit_adapter(cfg)
+    _setr(cfg)
+    _segvit(cfg)
     add_algm_config(cfg)
 
 
@@ -169,6 +172,49 @@ def _vit_adapter(cfg: CN) -> None:
     cfg.MODEL.VIT_ADAPTER.EXTRA_EXTRACTOR = True
     # Add the ViT's per-interaction maps to the pyramid.
     cfg.MODEL.VIT_ADAPTER.ADD_VIT_FEATURE = True
+
+
+def _setr(cfg: CN) -> None:
+    cfg.MODEL.SETR = CN()
+    # SETR (META_ARCHITECTURE "SETR"; SEM_SEG_HEAD.NAME "SETRUpHead" for naive/PUP, "SETRMLAHead" for MLA). Block
+    # indices are 0-based (negative: from the end), as the release's in_index / mla_index.
+    # Block the up head reads (the release: the last, 23 for ViT-L).
+    cfg.MODEL.SETR.IN_INDEX = -1
+    # Up head layout: NUM_CONV 2 with NUM_UPSAMPLE_LAYER 1 (naive; CONV3X3_CONV1X1 False: two 1x1 convs) or
+    # NUM_CONV 4 with NUM_UPSAMPLE_LAYER 4 (PUP: four 3x3 conv + x2 stages).
+    cfg.MODEL.SETR.NUM_CONV = 2
+    cfg.MODEL.SETR.NUM_UPSAMPLE_LAYER = 1
+    cfg.MODEL.SETR.CONV3X3_CONV1X1 = False
+    # MLA: the four blocks its neck aggregates, the neck's width and the head's width per level.
+    cfg.MODEL.SETR.MLA_INDEX = (5, 11, 17, 23)
+    cfg.MODEL.SETR.MLA_CHANNELS = 256
+    cfg.MODEL.SETR.MLAHEAD_CHANNELS = 128
+    # Auxiliary heads of training (not run in inference): the block each reads (naive/PUP) or the neck level 0..3
+    # (MLA); () = none. Their cross-entropies are weighted by AUX_LOSS_WEIGHT.
+    cfg.MODEL.SETR.AUX_IN_INDEX = ()
+    cfg.MODEL.SETR.AUX_LOSS_WEIGHT = 0.4
+    # Up-type auxiliary heads (naive/PUP): 2 convs, upsampling 1 (naive) or 2 (PUP: x4 between the convs); first
+    # conv 3x3 (True) or 1x1 (False).
+    cfg.MODEL.SETR.AUX_NUM_UPSAMPLE_LAYER = 1
+    cfg.MODEL.SETR.AUX_CONV3X3_CONV1X1 = False
+
+
+def _segvit(cfg: CN) -> None:
+    cfg.MODEL.SEGVIT = CN()
+    # SegViT (META_ARCHITECTURE "SegViT", SEM_SEG_HEAD.NAME "ATMHead"): the blocks whose tokens the ATM decoder reads
+    # (0-based; the release: 7, 15, 23 for ViT-L), decoded deepest first, one ATM decoder per block.
+    cfg.MODEL.SEGVIT.OUT_INDICES = (7, 15, 23)
+    # ATM decoder: width, heads, layers per decoder, dropout of its layers and attention.
+    cfg.MODEL.SEGVIT.EMBED_DIM = 512
+    cfg.MODEL.SEGVIT.NUM_HEADS = 16
+    cfg.MODEL.SEGVIT.NUM_LAYERS = 3
+    cfg.MODEL.SEGVIT.DROPOUT = 0.1
+    # ATM loss (the release's ATMLoss): class CE (no-object weight), focal mask loss and dice loss weights, on the
+    # output and on each earlier decoder's masks.
+    cfg.MODEL.SEGVIT.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.SEGVIT.CLASS_WEIGHT = 1.0
+    cfg.MODEL.SEGVIT.MASK_WEIGHT = 20.0
+    cfg.MODEL.SEGVIT.DICE_WEIGHT = 1.0
 
 
 def _input(cfg: CN) -> None:
@@ -252,6 +298,9 @@ def _solver(cfg: CN) -> None:
     cfg.SOLVER.LR_SCHEDULER = "poly"
     cfg.SOLVER.POLY_POWER = 0.9
     cfg.SOLVER.MIN_LR = 1e-5
+    # lr multiplier of every parameter whose name contains "head" (mmseg's paramwise custom_keys {'head': lr_mult};
+    # SETR and SegViT: 10). 1.0 = off.
+    cfg.SOLVER.HEAD_LR_MULTIPLIER = 1.0
     # Linear warmup from WARMUP_FACTOR * lr over WARMUP_ITERS steps (0 = none).
     cfg.SOLVER.WARMUP_ITERS = 0
     cfg.SOLVER.WARMUP_FACTOR = 0.001

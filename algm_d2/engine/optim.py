@@ -33,25 +33,28 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def layer_decay_param_groups(model: nn.Module, *, base_lr: float, weight_decay: float, layer_decay: float = 1.0,
-                             num_layers: int = 0) -> List[Dict[str, Any]]:
-    """Parameter groups for a torch optimizer: one per (layer, decayed or not), with ``lr = base_lr *
-    layer_decay^(num_layers + 1 - layer)`` and weight decay 0 where :func:`no_weight_decay` says so. Each group also
-    carries "names", "layer_id" and "lr_scale" (torch optimizers keep extra keys). Frozen parameters are left out."""
+                             num_layers: int = 0, head_lr_multiplier: float = 1.0) -> List[Dict[str, Any]]:
+    """Parameter groups for a torch optimizer: one per (layer, decayed or not, head or not), with ``lr = base_lr *
+    layer_decay^(num_layers + 1 - layer)``, times ``head_lr_multiplier`` for parameters whose name contains "head"
+    (mmseg's ``custom_keys={'head': dict(lr_mult=...)}``), and weight decay 0 where :func:`no_weight_decay` says so.
+    Each group also carries "names", "layer_id" and "lr_scale" (torch optimizers keep extra keys). Frozen parameters
+    are left out."""
     if layer_decay != 1.0 and num_layers <= 0:
         raise ValueError(f"SOLVER.LAYER_DECAY {layer_decay} needs the encoder's depth; got num_layers {num_layers}")
-    groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
+    groups: Dict[Tuple[int, bool, bool], Dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         layer = get_vit_layer_id(name, num_layers) if layer_decay != 1.0 else num_layers + 1
         decayed = weight_decay > 0 and not no_weight_decay(name, param)
-        scale = layer_decay ** (num_layers + 1 - layer)
-        group = groups.setdefault((layer, decayed), {
+        head = head_lr_multiplier != 1.0 and "head" in name
+        scale = layer_decay ** (num_layers + 1 - layer) * (head_lr_multiplier if head else 1.0)
+        group = groups.setdefault((layer, decayed, head), {
             "params": [], "names": [], "lr": base_lr * scale, "weight_decay": weight_decay if decayed else 0.0,
             "layer_id": layer, "lr_scale": scale})
         group["params"].append(param)
         group["names"].append(name)
-    return sorted(groups.values(), key=lambda group: (group["layer_id"], group["weight_decay"]))
+    return sorted(groups.values(), key=lambda group: (group["layer_id"], group["weight_decay"], group["lr_scale"]))
 
 
 def encoder_depth(model: nn.Module) -> int:
@@ -69,7 +72,8 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:  # noqa: AN
     if solver.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {solver.OPTIMIZER!r}")
     groups = layer_decay_param_groups(model, base_lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY,
-                                      layer_decay=solver.LAYER_DECAY, num_layers=encoder_depth(model))
+                                      layer_decay=solver.LAYER_DECAY, num_layers=encoder_depth(model),
+                                      head_lr_multiplier=solver.HEAD_LR_MULTIPLIER)
     if solver.OPTIMIZER == "SGD":
         if solver.NESTEROV and solver.MOMENTUM <= 0:
             raise ValueError(f"SOLVER.NESTEROV needs SOLVER.MOMENTUM > 0, got {solver.MOMENTUM}")

@@ -127,9 +127,10 @@ class ALGMViT(nn.Module):
         self.use_cuda_graphs(cuda_graphs, buckets_per_octave=cuda_graph_buckets)
 
     @classmethod
-    def from_config(cls, cfg) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
+    def from_config(cls, cfg, vit: Optional[nn.Module] = None) -> "ALGMViT":  # noqa: ANN001 - a CfgNode
+        """The backbone MODEL.BACKBONE and MODEL.ALGM describe; ``vit`` replaces the timm model built from them."""
         node = cfg.MODEL.BACKBONE
-        return cls(vit=build_timm_vit(cfg), algm=algm_config_from_cfg(cfg), pos_embed_interp=node.POS_EMBED_INTERP,
+        return cls(vit=build_timm_vit(cfg) if vit is None else vit, algm=algm_config_from_cfg(cfg), pos_embed_interp=node.POS_EMBED_INTERP,
                    activation_checkpointing=node.ACTIVATION_CHECKPOINTING, cuda_graphs=node.CUDA_GRAPHS,
                    cuda_graph_buckets=node.CUDA_GRAPH_BUCKETS)
 

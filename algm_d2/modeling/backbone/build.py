@@ -49,16 +49,22 @@ def check_vit_sizes(values: Dict[str, Any], keys: Dict[str, str]) -> None:
 
 def build_segmenter_vit(*, img_size: int, patch_size: int = 16, embed_dim: int, depth: int, num_heads: int,
                         mlp_ratio: float = 4.0, dropout: float = 0.0, drop_path_rate: float = 0.0,
-                        norm_eps: float = 1e-5, distilled: bool = False) -> VisionTransformer:
-    """A timm ViT laid out like Segmenter's encoder (keys included; LayerNorm eps 1e-5, exact GELU, no head)."""
+                        norm_eps: float = 1e-5, distilled: bool = False, class_token: bool = True,
+                        final_norm: bool = True) -> VisionTransformer:
+    """A timm ViT laid out like Segmenter's encoder (keys included; LayerNorm eps 1e-5, exact GELU, no head).
+
+    ``class_token=False`` gives a ViT whose blocks see patch tokens only (SETR-MLA, SegViT: the class token is dropped
+    before the blocks); ``final_norm=False`` one without the final norm (SETR and SegViT heads bring their own)."""
     cls = VisionTransformerDistilled if distilled else VisionTransformer
     vit = cls(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
               mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0, pos_drop_rate=dropout, proj_drop_rate=dropout,
-              attn_drop_rate=dropout, drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=norm_eps))
+              attn_drop_rate=dropout, drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=norm_eps),
+              class_token=class_token, global_pool="token" if class_token else "", final_norm=final_norm)
     # The release's init (timm's default differs only in the pos/cls init scale).
     vit.apply(init_segmenter_weights)
     trunc_normal_(vit.pos_embed, std=0.02)
-    trunc_normal_(vit.cls_token, std=0.02)
+    if vit.cls_token is not None:
+        trunc_normal_(vit.cls_token, std=0.02)
     return vit
 
 
@@ -139,8 +145,9 @@ def build_eva(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num
     return Eva(**common, use_rot_pos_emb=False)
 
 
-def build_timm_vit(cfg) -> nn.Module:  # noqa: ANN001 - a CfgNode
-    """The timm encoder MODEL.BACKBONE describes (ARCH one of ``ARCHS``)."""
+def build_timm_vit(cfg, *, class_token: bool = True, final_norm: bool = True) -> nn.Module:  # noqa: ANN001
+    """The timm encoder MODEL.BACKBONE describes (ARCH one of ``ARCHS``); ``class_token``/``final_norm`` as
+    :func:`build_segmenter_vit` (ARCH "vit" only)."""
     node = cfg.MODEL.BACKBONE
     if node.ARCH not in ARCHS:
         raise ValueError(f"MODEL.BACKBONE.ARCH must be one of {ARCHS}, got {node.ARCH!r}")
@@ -149,6 +156,9 @@ def build_timm_vit(cfg) -> nn.Module:  # noqa: ANN001 - a CfgNode
     sizes = dict(img_size=node.IMG_SIZE, patch_size=node.PATCH_SIZE, embed_dim=node.EMBED_DIM, depth=node.DEPTH,
                  num_heads=node.NUM_HEADS, mlp_ratio=node.MLP_RATIO, drop_path_rate=node.DROP_PATH_RATE,
                  norm_eps=node.NORM_EPS)
+    if not (class_token and final_norm) and node.ARCH != "vit":
+        raise ValueError(f"MODEL.BACKBONE.ARCH: this network needs a plain ViT (\"vit\"), got {node.ARCH!r}")
     if node.ARCH.startswith("eva"):
         return build_eva(**sizes, eva02=node.ARCH == "eva02", rope_pretrain_grid=node.ROPE_PRETRAIN_GRID)
-    return build_segmenter_vit(**sizes, dropout=node.DROPOUT, distilled=node.ARCH == "deit_distilled")
+    return build_segmenter_vit(**sizes, dropout=node.DROPOUT, distilled=node.ARCH == "deit_distilled",
+                               class_token=class_token, final_norm=final_norm)

@@ -26,6 +26,15 @@ def semantic_to_instance_targets(sem_seg: Tensor, ignore_value: int) -> Target:
     return {"labels": labels, "masks": sem_seg[None] == labels[:, None, None]}
 
 
+def mean_num_masks(targets: List[Target], device: torch.device) -> float:
+    """Ground-truth masks per rank (summed over ranks, divided by their number), at least 1: the loss normaliser."""
+    count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count /= dist.get_world_size()
+    return max(float(count), 1.0)
+
+
 def point_sample(maps: Tensor, points: Tensor) -> Tensor:
     """Bilinear values of ``maps`` ``[N, 1, H, W]`` at ``points`` ``[N, P, 2]`` ((x, y) in [0, 1]) → ``[N, P]``."""
     return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, align_corners=False)[:, 0, :, 0]
@@ -118,13 +127,6 @@ class SetCriterion(nn.Module):
                    oversample_ratio=node.OVERSAMPLE_RATIO, importance_sample_ratio=node.IMPORTANCE_SAMPLE_RATIO,
                    deep_supervision=node.DEEP_SUPERVISION)
 
-    def _num_masks(self, targets: List[Target], device: torch.device) -> float:
-        count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            count /= dist.get_world_size()
-        return max(float(count), 1.0)
-
     def _losses(self, outputs: Dict[str, Any], targets: List[Target], num_masks: float) -> Dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         logits = outputs["pred_logits"].float()
@@ -147,7 +149,7 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": dice.sum() / num_masks}
 
     def forward(self, outputs: Dict[str, Any], targets: List[Target]) -> Dict[str, Tensor]:
-        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
+        num_masks = mean_num_masks(targets, outputs["pred_logits"].device)
         losses = {k: v * self.weights[k] for k, v in self._losses(outputs, targets, num_masks).items()}
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
