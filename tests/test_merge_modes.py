@@ -85,20 +85,12 @@ def test_tome_layers_past_the_depth_raise():
         ALGMConfig(local_layer=None, global_layer=None, tome_r=2, tome_layers=(3, 13)).check_depth(12)
 
 
-def test_random_member_takes_one_members_value_with_probability_proportional_to_size():
+def test_random_member_is_drawn_with_probability_proportional_to_size():
+    """After GBM a slot may hold a 4-cell CLAP token and single cells: the draw follows the cells."""
     torch.manual_seed(0)
     x = clustered_tokens(2, (6, 6), 1, 8, seed=3)
-    state0 = MergeState.initial(2, (6, 6), 1, x.device)
-    average = ALGMConfig(local_threshold=-1.0, global_threshold=0.0)
-    random = ALGMConfig(local_threshold=-1.0, global_threshold=0.0, merge_value="random")
-    y_avg, s_avg = merge_after_attention(x, state0, average, 1)
-    y_rand, s_rand = merge_after_attention(x, state0, random, 1)
-    assert torch.equal(s_avg.index_map, s_rand.index_map) and torch.equal(s_avg.sizes, s_rand.sizes)
-    assert torch.equal(y_rand[:, :1], x[:, :1])
-    for b in range(2):
-        for slot, cells in members(s_rand, b).items():
-            assert any(torch.equal(y_rand[b, slot], x[b, 1 + c]) for c in cells)
-    # After GBM a slot may hold a 4-cell CLAP token and a single cell: the draw follows the cells.
+    y_avg, s_avg = merge_after_attention(x, MergeState.initial(2, (6, 6), 1, x.device),
+                                         ALGMConfig(local_threshold=-1.0), 1)
     y2, s2 = merge_after_attention(y_avg, s_avg, ALGMConfig(local_layer=None, global_threshold=-1.0), 5)
     slot = next(s for s, cells in members(s2, 0).items() if len(cells) > 4)
     owners = s_avg.index_map[0][torch.tensor(members(s2, 0)[slot])]
@@ -112,26 +104,60 @@ def test_random_member_takes_one_members_value_with_probability_proportional_to_
         assert abs(hits[o] / 400 - w / total) < 0.1, (hits, weights)
 
 
-@pytest.mark.parametrize("policy", ["min", "per_image"])
-@pytest.mark.parametrize("value", ["average", "random"])
-def test_no_reduction_keeps_all_tokens_and_equals_the_unmerged_reduced_result(policy, value):
-    """Without blocks in between, the no-reduction sequence is the reduced one unmerged (groups formed alike)."""
-    x = clustered_tokens(3, (8, 8), 1, 8, seed=5)
-    state0 = MergeState.initial(3, (8, 8), 1, x.device)
-    reduced = ALGMConfig(local_threshold=0.6, global_threshold="batch_stats", batch_policy=policy, merge_value=value)
-    kept = ALGMConfig(local_threshold=0.6, global_threshold="batch_stats", batch_policy=policy, merge_value=value,
-                      reduce_tokens=False)
+modes = st.sampled_from([
+    {},  # ALGM: CLAP at 1, GBM at 5
+    {"local_method": "gbm", "local_threshold": "batch_stats"},  # GBM at 1 and 5
+    {"local_layer": None, "global_layer": None, "tome_r": 3, "tome_layers": (1, 5)},  # ToMe
+])
+
+
+@SETTINGS
+@given(h=st.integers(2, 8), w=st.integers(2, 8), prefix=st.integers(0, 2), mode=modes,
+       tau=st.floats(-0.2, 1.0), policy=st.sampled_from(["min", "per_image"]),
+       value=st.sampled_from(["average", "random"]), seed=st.integers(0, 2**16))
+def test_no_reduction_keeps_all_tokens_and_equals_the_unmerged_reduced_result(h, w, prefix, mode, tau, policy, value,
+                                                                               seed):
+    """Without blocks in between, the no-reduction sequence is the reduced one unmerged: the same groups, each
+    member holding its group's value (average or drawn member), prefix tokens untouched, every token kept."""
+    x = clustered_tokens(3, (h, w), prefix, 8, seed)
+    state0 = MergeState.initial(3, (h, w), prefix, x.device)
+    rules = {} if "tome_r" in mode else {"local_threshold": tau, "global_threshold": "batch_stats"}
+    common = {**rules, **mode, "batch_policy": policy, "merge_value": value}
+    reduced, kept = ALGMConfig(**common), ALGMConfig(**common, reduce_tokens=False)
     y_red, s_red, y_full, s_full = x, state0, x, state0
     for layer in (1, 5):
-        torch.manual_seed(layer)
+        torch.manual_seed(seed + layer)
         y_red, s_red = merge_after_attention(y_red, s_red, reduced, layer)
-        torch.manual_seed(layer)
+        torch.manual_seed(seed + layer)
         y_full, s_full = merge_after_attention(y_full, s_full, kept, layer)
-    assert y_full.shape == x.shape and not s_full.merged and s_full.num_tokens.tolist() == [65] * 3
+    n = prefix + h * w
+    assert y_full.shape == x.shape and not s_full.merged and s_full.num_tokens.tolist() == [n] * 3
     assert torch.equal(s_full.virtual.index_map, s_red.index_map)
-    assert s_red.num_tokens.max() < 65
-    torch.testing.assert_close(y_full[:, 1:], s_red.unmerge(y_red), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(y_full[:, :1], x[:, :1])
+    torch.testing.assert_close(y_full[:, prefix:], s_red.unmerge(y_red), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y_full[:, :prefix], x[:, :prefix])
+
+
+@SETTINGS
+@given(h=st.integers(2, 8), w=st.integers(2, 8), prefix=st.integers(0, 2), mode=modes, tau=st.floats(-0.2, 1.0),
+       policy=st.sampled_from(["min", "per_image"]), seed=st.integers(0, 2**16))
+def test_random_member_keeps_the_groups_and_takes_a_member_value(h, w, prefix, mode, tau, policy, seed):
+    """Random members change only the values a stage writes: on the same input its layout, sizes and counts equal
+    the average mode's, and every merged token holds exactly the value one of its members had before the stage."""
+    x = clustered_tokens(2, (h, w), prefix, 8, seed)
+    rules = {} if "tome_r" in mode else {"local_threshold": tau, "global_threshold": "batch_stats"}
+    common = {**rules, **mode, "batch_policy": policy}
+    average, random = ALGMConfig(**common), ALGMConfig(**common, merge_value="random")
+    y_rand, s_rand = x, MergeState.initial(2, (h, w), prefix, x.device)
+    for layer in (1, 5):
+        before, state_before = y_rand, s_rand
+        _, s_avg = merge_after_attention(before, state_before, average, layer)
+        y_rand, s_rand = merge_after_attention(before, state_before, random, layer)
+        assert torch.equal(s_avg.index_map, s_rand.index_map) and torch.equal(s_avg.sizes, s_rand.sizes)
+        assert torch.equal(y_rand[:, :prefix], x[:, :prefix])
+        for b in range(2):
+            for slot, cells in members(s_rand, b).items():
+                old_slots = {int(state_before.index_map[b, c]) for c in cells}
+                assert any(torch.equal(y_rand[b, slot], before[b, o]) for o in old_slots)
 
 
 def test_no_reduction_through_the_encoder_keeps_every_token():
