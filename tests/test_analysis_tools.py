@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from algm_d2.analysis import (
     algm_star, class_pair_sums, labelled_batches, merge_groups, patch_labels, setup_model, states_after_merges,
 )
-from algm_d2.analysis.demo import image_files, input_images
+from algm_d2.analysis.demo import image_files, input_images, merge_panels
 from algm_d2.analysis.sweep import with_threshold
 from algm_d2.config import get_cfg
 from algm_d2.data import DATASET_REGISTRY, DemoShapes, get_metadata, register_dataset, render_demo_shapes
@@ -233,3 +233,12 @@ def test_calibration_tool_writes_a_config_with_the_calibrated_thresholds(tmp_pat
     assert cfg.MODEL.BACKBONE.DEPTH == 6 and cfg.MODEL.ALGM.ENABLED  # the rest comes from _BASE_
     algm = algm_config_from_cfg(cfg)
     assert algm.local_threshold == pytest.approx(layers["1"]["threshold"])
+
+
+def test_merge_panels_pad_as_mask2former_does():
+    """EVA + ViT-Adapter pads to 32, not the patch: an 80×112 input becomes a 6×8 grid (96×128)."""
+    _, model = setup_model(str(ROOT / "configs/demo/eva_tiny_algm.yaml"), ["MODEL.ALGM.LOCAL_THRESHOLD", "top:2"])
+    item = {"image": torch.randint(0, 256, (3, 80, 112), dtype=torch.uint8)}
+    picture, grid, panels = merge_panels(model, item)
+    assert picture.shape == (96, 128, 3) and grid == (6, 8)
+    assert list(panels) == ["after layer 1 (CLAP)", "after layer 3 (GBM)"] and len(panels["after layer 1 (CLAP)"]) == 2

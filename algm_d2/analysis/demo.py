@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..data import SemSegDatasetMapper, build_test_loader, read_image
 from ..modeling import SemanticSegmentor
-from .visualize import merge_groups, states_after_merges
+from .visualize import input_multiple, merge_groups, states_after_merges
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 STAGE_TITLES = {"clap": "CLAP", "local_gbm": "GBM", "gbm": "GBM", "tome": "ToMe"}
@@ -64,9 +64,9 @@ def merge_panels(model: SemanticSegmentor, item: Dict[str, Any]
     """(the model's input image padded to the patch grid ``[H, W, 3]`` uint8, the grid, {panel title: merged
     groups of grid cells after that layer}) — cumulative: a panel shows every group formed up to its layer."""
     states = states_after_merges(model, item["image"])
-    patch = model.net.backbone.patch_size[0]
+    patch, multiple = model.net.backbone.patch_size[0], input_multiple(model)
     image = item["image"]
-    pad_h, pad_w = (-image.shape[1]) % patch, (-image.shape[2]) % patch
+    pad_h, pad_w = (-image.shape[1]) % multiple, (-image.shape[2]) % multiple
     picture = F.pad(image, (0, pad_w, 0, pad_h)).permute(1, 2, 0).cpu().numpy()
     grid = (picture.shape[0] // patch, picture.shape[1] // patch)
     config = model.net.algm

@@ -16,12 +16,17 @@ def layout(state: MergeState) -> MergeState:
     return state.virtual if state.virtual is not None else state
 
 
+def input_multiple(model: SemanticSegmentor) -> int:
+    """What the network pads its input to a multiple of: the patch, or Mask2Former's size divisibility."""
+    return max(getattr(model.net, "size_divisibility", 0), model.net.backbone.patch_size[0])
+
+
 @torch.no_grad()
 def states_after_merges(model: SemanticSegmentor, image: Tensor) -> Dict[int, MergeState]:
-    """Run the encoder on one uint8 image ``[3, H, W]`` (normalized, padded to the patch as the model does) and
-    return the merged layout after each layer where the model's ALGM config merges."""
+    """Run the encoder on one uint8 image ``[3, H, W]`` (normalized and padded as the network does) and return the
+    merged layout after each layer where the model's ALGM config merges."""
     encoder = model.net.backbone
-    images = pad_to_multiple(model._normalize(image)[None], encoder.patch_size[0])  # noqa: SLF001
+    images = pad_to_multiple(model._normalize(image)[None], input_multiple(model))  # noqa: SLF001
     seen: Dict[int, MergeState] = {}
 
     def observe(layer: int, tokens: Tensor, state: MergeState) -> None:
