@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -197,7 +198,6 @@ def test_demo_tool_writes_segmentations_and_reports_tokens(tmp_path, opts, capsy
     images.mkdir()
     for i in range(2):
         picture, _ = render_demo_shapes(seed=3, split="val", index=i, size=80 + 16 * i)  # any size
-        import cv2
         cv2.imwrite(str(images / f"photo{i}.png"), picture[..., ::-1])
     out = tmp_path / "out"
     load_tool("demo").main(["--config-file", CONFIG, "--input", str(images / "photo0.png"), str(images),
