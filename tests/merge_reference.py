@@ -78,3 +78,47 @@ def gbm_reference(tokens: List[torch.Tensor], sizes: List[float], groups: List[S
         out_sizes.append(new_sizes[j])
         out_groups.append(new_groups[j])
     return out_tokens, out_sizes, out_groups
+
+
+def tome_reference(tokens: List[torch.Tensor], sizes: List[float], groups: List[Set[int]], num_prefix: int, r: int
+                   ) -> Tuple[List[torch.Tensor], List[float], List[Set[int]]]:
+    """One layer of ToMe's bipartite soft matching as its paper describes it, written as loops: r is clamped to half
+    of the non-prefix tokens; every A token (even position) draws an edge to its most similar B token (odd
+    position); the r highest edges merge their A token into the B token (size-weighted mean; proportional
+    attention reads the sizes). Output: prefix tokens, unmerged A tokens in A order, then the B tokens (ToMe's own
+    order for at most a class token; further prefix tokens are kept in front too). With nothing to merge (r = 0
+    after the clamp) the layer returns its input unchanged, as ToMe's does."""
+    n = len(tokens)
+    r = max(0, min(r, (n - num_prefix) // 2))
+    if r == 0:
+        return list(tokens), list(sizes), list(groups)
+    edges = []
+    for i in range(0, n, 2):
+        if i < num_prefix:
+            continue
+        best_j, best_s = None, -float("inf")
+        for j in range(1, n, 2):
+            if j < num_prefix:
+                continue
+            s = _cos(tokens[i], tokens[j])
+            if s > best_s:
+                best_j, best_s = j, s
+        if best_j is not None:
+            edges.append((best_s, i, best_j))
+    edges.sort(key=lambda e: -e[0])
+    merged = {i: j for _, i, j in edges[:r]}
+    value = {j: tokens[j] * sizes[j] for j in range(1, n, 2)}
+    size = {j: sizes[j] for j in range(1, n, 2)}
+    group = {j: set(groups[j]) for j in range(1, n, 2)}
+    for i, j in merged.items():
+        value[j] = value[j] + tokens[i] * sizes[i]
+        size[j] += sizes[i]
+        group[j] |= groups[i]
+    order = list(range(num_prefix)) + [i for i in range(0, n, 2) if i >= num_prefix and i not in merged]
+    out = ([tokens[i] for i in order], [sizes[i] for i in order], [groups[i] for i in order])
+    for j in range(1, n, 2):
+        if j >= num_prefix:
+            out[0].append(value[j] / size[j])
+            out[1].append(size[j])
+            out[2].append(group[j])
+    return out

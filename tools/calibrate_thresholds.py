@@ -5,6 +5,7 @@ after the attention of each ALGM layer, measured on the base model (merging off)
   python tools/calibrate_thresholds.py --config-file configs/ade20k/segmenter/segmenter_vit_small_mask_512x512_160k_algm.yaml \
       --num-images 2000 --output tau.json MODEL.WEIGHTS seg_small_mask/checkpoint.pth
   # then train/evaluate with: MODEL.ALGM.CALIBRATION_FILE tau.json
+  # or --write-config seg_s_calibrated.yaml: a config that _BASE_s --config-file with LOCAL/GLOBAL_THRESHOLD set
   # --all-layers: statistics after every block (the paper's Fig. 2b analysis, to choose LOCAL/GLOBAL_LAYER)
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None) -> None:  # noqa: ANN001
     parser.add_argument("--output", default="calibration.json")
     parser.add_argument("--all-layers", action="store_true",
                         help="measure after every block, not only MODEL.ALGM.LOCAL_LAYER / GLOBAL_LAYER")
+    parser.add_argument("--write-config", default="",
+                        help="also write a YAML config that _BASE_s --config-file with the calibrated thresholds")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -41,6 +44,7 @@ def main(argv=None) -> None:  # noqa: ANN001
     from algm_d2.data import build_train_loader
     from algm_d2.evaluation import save_json
     from algm_d2.modeling import build_model
+    from algm_d2.analysis.calibration import write_calibrated_config
     from algm_d2.modeling.calibration import calibrate_thresholds
 
     cfg = get_cfg()
@@ -72,6 +76,9 @@ def main(argv=None) -> None:  # noqa: ANN001
                            "MODEL.ALGM.CALIBRATION_FILE a stage at this layer would merge nothing, so that file is "
                            "refused for it", layer, stats["mean"], stats["std"], stats["threshold"])
     save_json(args.output, result)
+    if args.write_config:
+        write_calibrated_config(args.write_config, args.config_file, result, cfg.MODEL.ALGM.LOCAL_LAYER,
+                                cfg.MODEL.ALGM.GLOBAL_LAYER)
     print(json.dumps(result, indent=1))  # the CLI's result
 
 

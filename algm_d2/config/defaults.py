@@ -32,6 +32,18 @@ def add_algm_config(cfg: CN) -> None:
     # Optional JSON file written by tools/calibrate_thresholds.py; when set, its per-layer τ = μ + σ replaces the
     # float thresholds above (rules given as strings are kept).
     cfg.MODEL.ALGM.CALIBRATION_FILE = ""
+    # Comparison and ablation modes (docs/ALGM.md, "Modes"; configs/ade20k/segmenter/ablations/).
+    # The module at LOCAL_LAYER: "clap" (ALGM) or "gbm" (global merging there, LOCAL_THRESHOLD as its rule; Table 5b).
+    cfg.MODEL.ALGM.LOCAL_METHOD = "clap"
+    # ToMe baseline: merge this many tokens after the attention of every layer (bipartite soft matching, fixed r,
+    # size-weighted); 0 = off. Needs LOCAL_LAYER and GLOBAL_LAYER null; set PROP_ATTN True as ToMe does.
+    cfg.MODEL.ALGM.TOME_R = 0
+    # 1-based layers where ToMe merges; empty = every layer.
+    cfg.MODEL.ALGM.TOME_LAYERS = []
+    # Value of a merged token: "average" (size-weighted mean) or "random" (one member, probability ∝ size; Table 6).
+    cfg.MODEL.ALGM.MERGE_VALUE = "average"
+    # False keeps every token and copies each group's value to all its members (no attention balancing; Table 6).
+    cfg.MODEL.ALGM.REDUCE_TOKENS = True
 
 
 def _model(cfg: CN) -> None:

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple, Union
 
 BATCH_POLICIES = ("min", "per_image")
+# The module at ``local_layer`` (Table 5b of the paper places GBM there too).
+LOCAL_METHODS = ("clap", "gbm")
+# What a merged group's token holds: the size-weighted mean (ALGM) or one member drawn at random (Table 6).
+MERGE_VALUES = ("average", "random")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,16 @@ class ALGMConfig:
 
     A stage is off when its layer or its rule is None. ``window`` is CLAP's (rows, cols) window; windows cut by
     the grid border are never merged (their cells stay tokens of their own), so any H×W grid works.
+
+    Comparison and ablation modes (the paper's Tables 1, 5 and 6):
+        local_method: the module at ``local_layer``: "clap" (ALGM) or "gbm" (global merging there, with
+            ``local_threshold`` as its rule).
+        tome_r: ToMe's bipartite soft matching, merging ``tome_r`` tokens after the attention of every layer (or of
+            ``tome_layers`` when given); 0 = off. ToMe replaces CLAP and GBM, so those must be off.
+        merge_value: "average" (size-weighted mean of a group) or "random" (a random member's value, drawn with
+            probability proportional to its size: no denoising, Table 6).
+        reduce_tokens: False keeps every token and gives each member of a merged group the group's value (no
+            attention balancing, Table 6); groups are formed as in the reduced model.
     """
 
     local_layer: Optional[int] = 1
@@ -87,6 +101,11 @@ class ALGMConfig:
     global_threshold: Rule = "batch_stats"
     batch_policy: Literal["min", "per_image"] = "min"
     prop_attn: bool = False
+    local_method: Literal["clap", "gbm"] = "clap"
+    tome_r: int = 0
+    tome_layers: Tuple[int, ...] = ()
+    merge_value: Literal["average", "random"] = "average"
+    reduce_tokens: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_threshold", parse_rule(self.local_threshold, "local_threshold"))
@@ -108,8 +127,22 @@ class ALGMConfig:
             )
         if self.batch_policy not in BATCH_POLICIES:
             raise ValueError(f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"prop_attn must be a bool, got {self.prop_attn!r}")
+        for name in ("prop_attn", "reduce_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.local_method not in LOCAL_METHODS:
+            raise ValueError(f"local_method must be one of {LOCAL_METHODS}, got {self.local_method!r}")
+        if self.merge_value not in MERGE_VALUES:
+            raise ValueError(f"merge_value must be one of {MERGE_VALUES}, got {self.merge_value!r}")
+        if not isinstance(self.tome_r, int) or isinstance(self.tome_r, bool) or self.tome_r < 0:
+            raise ValueError(f"tome_r must be a non-negative int, got {self.tome_r!r}")
+        layers = tuple(self.tome_layers) if isinstance(self.tome_layers, (list, tuple)) else None
+        if layers is None or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in layers):
+            raise ValueError(f"tome_layers must be 1-based layer numbers (empty: every layer), got {self.tome_layers!r}")
+        object.__setattr__(self, "tome_layers", tuple(sorted(set(layers))))
+        if self.tome_active and (self.local_active or self.global_active):
+            raise ValueError(f"tome_r ({self.tome_r}): ToMe replaces CLAP and GBM; switch them off "
+                             "(local_layer and global_layer None)")
 
     @property
     def local_active(self) -> bool:
@@ -120,8 +153,23 @@ class ALGMConfig:
         return self.global_layer is not None and self.global_threshold is not None
 
     @property
+    def tome_active(self) -> bool:
+        return self.tome_r > 0
+
+    @property
     def enabled(self) -> bool:
-        return self.local_active or self.global_active
+        return self.local_active or self.global_active or self.tome_active
+
+    def stages_at(self, layer: int) -> Tuple[str, ...]:
+        """The stages after the attention of 1-based ``layer``, in order: "clap", "local_gbm", "gbm", "tome"."""
+        stages = []
+        if self.local_active and layer == self.local_layer:
+            stages.append("clap" if self.local_method == "clap" else "local_gbm")
+        if self.global_active and layer == self.global_layer:
+            stages.append("gbm")
+        if self.tome_active and (not self.tome_layers or layer in self.tome_layers):
+            stages.append("tome")
+        return tuple(stages)
 
     @property
     def data_dependent(self) -> bool:
@@ -133,7 +181,7 @@ class ALGMConfig:
 
     def merges_at(self, layer: int) -> bool:
         """Whether a stage runs after the attention of 1-based ``layer``."""
-        return (self.local_active and layer == self.local_layer) or (self.global_active and layer == self.global_layer)
+        return bool(self.stages_at(layer))
 
     def check_depth(self, depth: int) -> None:
         """Raise ValueError if an active stage's layer does not exist in a model of ``depth`` blocks."""
@@ -141,6 +189,8 @@ class ALGMConfig:
             layer = getattr(self, name)
             if active and layer > depth:
                 raise ValueError(f"{name}={layer} is out of range for a model with {depth} blocks (1..{depth})")
+        if self.tome_active and self.tome_layers and self.tome_layers[-1] > depth:
+            raise ValueError(f"tome_layers={list(self.tome_layers)} reach past a model with {depth} blocks (1..{depth})")
 
 
 OFF = ALGMConfig(local_layer=None, global_layer=None)

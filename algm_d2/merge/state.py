@@ -45,6 +45,8 @@ class MergeState:
             forward pass); read it through :meth:`tokens_per_layer`.
         total_tokens: sum of ``num_tokens`` as a host int when known (the merge stages learn it with their one host
             sync), else None; packed layouts need it.
+        virtual: under the no-reduction ablation (every token kept), the merged layout the stages would have left;
+            the sequence itself stays the full grid and this state's own layout stays unmerged. None otherwise.
     """
 
     grid_size: Tuple[int, int]
@@ -57,6 +59,7 @@ class MergeState:
     merged: bool = False
     history: List[Tensor] = field(default_factory=list)
     total_tokens: Optional[int] = None
+    virtual: Optional["MergeState"] = None
 
     @classmethod
     def initial(cls, batch: int, grid_size: Tuple[int, int], num_prefix: int, device: torch.device,

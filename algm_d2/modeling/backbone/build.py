@@ -77,10 +77,13 @@ def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
         return OFF
     fields = {"local_layer": "LOCAL_LAYER", "global_layer": "GLOBAL_LAYER", "window": "WINDOW",
               "local_threshold": "LOCAL_THRESHOLD", "global_threshold": "GLOBAL_THRESHOLD",
-              "batch_policy": "BATCH_POLICY", "prop_attn": "PROP_ATTN"}
+              "batch_policy": "BATCH_POLICY", "prop_attn": "PROP_ATTN", "local_method": "LOCAL_METHOD",
+              "tome_r": "TOME_R", "tome_layers": "TOME_LAYERS", "merge_value": "MERGE_VALUE",
+              "reduce_tokens": "REDUCE_TOKENS"}
     values = {name: node[key] for name, key in fields.items()}
     values["window"] = tuple(values["window"])
     sources = {stage: f"MODEL.ALGM.{fields[stage + '_threshold']}" for stage in ("local", "global")}
+    values["tome_layers"] = tuple(values["tome_layers"])
     if node.CALIBRATION_FILE:
         calibrated = calibrated_thresholds(node.CALIBRATION_FILE, values)
         values.update(calibrated)
