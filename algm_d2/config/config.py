@@ -9,7 +9,7 @@ Unknown keys raise ``KeyError`` naming the full key; other type mismatches raise
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import BASE_KEY
@@ -23,9 +23,21 @@ FLEXIBLE_KEYS: Dict[str, Tuple[type, ...]] = {
 }
 
 
-def check_config_file(filename: str, chain: Sequence[str] = ()) -> None:
+class _StructureLoader(yaml.SafeLoader):
+    """Reads a config's structure only: a tag that would construct a Python object (detectron2 and Mask2Former
+    configs use ``!!python/object/apply:eval``) reads as None, so checking never executes anything; whether such a
+    file may be loaded is the loader's decision (``allow_unsafe``)."""
+
+
+_StructureLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def check_config_file(filename: str, chain: Sequence[str] = (),
+                      resolve: Callable[[str], str] = lambda name: name) -> None:
     """Raise naming the file when a config file or one of its ``_BASE_`` files is missing, empty, not a mapping,
-    or inherits from itself (directly or in a cycle); ``_BASE_`` paths resolve as fvcore resolves them."""
+    or inherits from itself (directly or in a cycle); ``_BASE_`` paths resolve as fvcore resolves them, then through
+    ``resolve`` (a config class's own path rules)."""
+    filename = resolve(filename)
     path = os.path.realpath(filename)
     if path in chain:
         cycle = " -> ".join([*chain[chain.index(path):], path])
@@ -35,7 +47,7 @@ def check_config_file(filename: str, chain: Sequence[str] = ()) -> None:
         raise FileNotFoundError(f"config file {filename}{named_by}: no such file")
     with open(filename) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_StructureLoader)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {filename} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -46,12 +58,17 @@ def check_config_file(filename: str, chain: Sequence[str] = ()) -> None:
         base = os.path.expanduser(str(base))
         if not base.startswith(("/", "https://", "http://")):
             base = os.path.join(os.path.dirname(filename), base)
-        check_config_file(base, (*chain, path))
+        check_config_file(base, (*chain, path), resolve)
 
 
 class CfgNode(_FvcoreCfgNode):
+    @classmethod
+    def resolve_config_path(cls, filename: str) -> str:
+        """The file a config path (a ``--config-file`` or a ``_BASE_``) names; subclasses add their own schemes."""
+        return filename
+
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        check_config_file(cfg_filename)
+        check_config_file(cfg_filename, resolve=self.resolve_config_path)
         super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
 
     def merge_from_other_cfg(self, cfg_other: "CfgNode") -> None:

@@ -41,15 +41,24 @@ class CfgNode(AlgmCfgNode, D2CfgNode):
     taken for float keys, ``_BASE_: mask2former://configs/...`` resolved in the Mask2Former checkout."""
 
     @classmethod
-    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False) -> Any:
+    def resolve_config_path(cls, filename: str) -> str:
         # fvcore joins a relative _BASE_ to the including file's folder: the prefix may sit mid-path
-        if MASK2FORMER_PREFIX in filename:
-            relative = filename.split(MASK2FORMER_PREFIX, 1)[1]
-            filename = str(mask2former_root() / relative)
-            if not os.path.isfile(filename):
-                raise FileNotFoundError(f"{MASK2FORMER_PREFIX}{relative}: no such file in the Mask2Former checkout "
-                                        f"{mask2former_root()}")
-        return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        if MASK2FORMER_PREFIX not in filename:
+            return filename
+        relative = filename.split(MASK2FORMER_PREFIX, 1)[1]
+        resolved = str(mask2former_root() / relative)
+        if not os.path.isfile(resolved):
+            raise FileNotFoundError(f"{MASK2FORMER_PREFIX}{relative}: no such file in the Mask2Former checkout "
+                                    f"{mask2former_root()}")
+        return resolved
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False) -> Any:
+        return super().load_yaml_with_base(cls.resolve_config_path(filename), allow_unsafe=allow_unsafe)
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = True) -> None:
+        # detectron2's default: its and Mask2Former's configs compute some values with !!python/object/apply:eval
+        super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
 
     def __setitem__(self, key: str, value: Any) -> None:
         # a node added later (another project's add_*_config) joins the tree's class, or merging into it fails
