@@ -24,7 +24,7 @@ BRIDGED_NODES: Tuple[str, ...] = ("MODEL.BACKBONE", "MODEL.ALGM", "MODEL.VIT_ADA
                                   "MODEL.MASK_FORMER")
 # Single algm_d2 keys they read: layer decay (optimizer) and the test-time inference of the bridged segmentors.
 BRIDGED_KEYS: Tuple[str, ...] = ("SOLVER.LAYER_DECAY", "TEST.MODE", "TEST.CROP_SIZE", "TEST.STRIDE",
-                                 "TEST.BATCH_SIZE")
+                                 "TEST.BATCH_SIZE", "TEST.SOFTMAX_VIEWS", "TEST.SLIDE_SMALL_IMAGE")
 # A ``_BASE_`` starting with this names a file of the Mask2Former checkout that ``import mask2former`` finds.
 MASK2FORMER_PREFIX = "mask2former://"
 

@@ -64,10 +64,7 @@ class BridgedSegmentor(SemanticSegmentor):
         check_input_format(cfg)
         net = ALGM_META_ARCH_REGISTRY.get(cls.net_name).from_config(cfg)
         with_pretrained(net.backbone, cfg)
-        return {"net": net,
-                "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-                "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, "test_mode": cfg.TEST.MODE,
-                "crop_size": cfg.TEST.CROP_SIZE, "stride": cfg.TEST.STRIDE, "test_batch_size": cfg.TEST.BATCH_SIZE}
+        return {"net": net, **SemanticSegmentor.config_kwargs(cfg)}  # detectron2's TEST.AUG does scales and flips
 
 
 @META_ARCH_REGISTRY.register()

@@ -220,7 +220,7 @@ class ALGMViT(nn.Module):
         from block to block and are unpacked for a merge or at the end. With CUDA graphs on, the MLP half of a
         merging block and the blocks without a merge after it replay as one graph (:mod:`.block_graphs`).
         """
-        with dynamic_length_attention(stream.algm.enabled):
+        with dynamic_length_attention(stream.algm.data_dependent):
             self._run_blocks(stream, start, end, observer)
 
     def _run_blocks(self, stream: "TokenStream", start: int, end: int, observer: Optional[Observer]) -> None:

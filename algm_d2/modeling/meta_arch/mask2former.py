@@ -135,5 +135,5 @@ class MergedTokenMask2Former(MaskClassificationNet):
     def predict(self, images: Tensor) -> Dict[str, Any]:
         tokens, state = self.backbone(images)
         self._last_state = state
-        with dynamic_length_attention(state.merged):
+        with dynamic_length_attention(state.merged and self.algm.data_dependent):
             return self.decoder(tokens[:, state.num_prefix:], state)

@@ -77,7 +77,7 @@ class Segmenter(nn.Module):
     def _patch_logits(self, padded: Tensor) -> Tensor:
         tokens, state = self.encoder(padded)
         self._last_state = state
-        with dynamic_length_attention(state.merged):
+        with dynamic_length_attention(state.merged and self.algm.data_dependent):
             return self.decoder(tokens[:, state.num_prefix:], state)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -81,11 +81,17 @@ class SemanticSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "SemanticSegmentor":  # noqa: ANN001 - a CfgNode
         net = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).from_config(cfg)
-        return cls(net=net, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
-                   ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, test_mode=cfg.TEST.MODE,
-                   crop_size=cfg.TEST.CROP_SIZE, stride=cfg.TEST.STRIDE, test_batch_size=cfg.TEST.BATCH_SIZE,
-                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, softmax_views=cfg.TEST.SOFTMAX_VIEWS,
-                   small_image=cfg.TEST.SLIDE_SMALL_IMAGE, fused_labels=cfg.TEST.FUSED_LABELS)
+        return cls(net=net, **cls.config_kwargs(cfg),
+                   test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, fused_labels=cfg.TEST.FUSED_LABELS)
+
+    @staticmethod
+    def config_kwargs(cfg) -> Dict[str, Any]:  # noqa: ANN001 - a CfgNode
+        """The constructor arguments of one view's inference that the config gives: normalization, ignore label,
+        whole / sliding-window inference and EVA's view rules (test-time scales and flips are the caller's)."""
+        return {"pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+                "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, "test_mode": cfg.TEST.MODE,
+                "crop_size": cfg.TEST.CROP_SIZE, "stride": cfg.TEST.STRIDE, "test_batch_size": cfg.TEST.BATCH_SIZE,
+                "softmax_views": cfg.TEST.SOFTMAX_VIEWS, "small_image": cfg.TEST.SLIDE_SMALL_IMAGE}
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,7 @@ def dynamic_length_attention(dynamic: bool = True) -> ContextManager[None]:
     """A context in which SDPA uses only kernels without per-shape plans when ``dynamic`` (sequence lengths depend
     on the data), else a no-op. (The switches are torch's global SDPA flags; the kernels kept are the ones the CPU
     uses, so CPU results do not change.)"""
-    if not dynamic or sdpa_kernel is None:
+    if not dynamic or sdpa_kernel is None or torch.compiler.is_compiling():  # compiled graphs choose their own
         return nullcontext()
     enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
