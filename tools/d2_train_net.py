@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or evaluate algm_d2 models with detectron2 + Mask2Former (Mask2Former's train_net with algm_d2's config).
 
-  python tools/d2_train_net.py --config-file configs/detectron2/ade20k/eva01_vit_adapter_algm_mask2former.yaml
+  python tools/d2_train_net.py --config-file configs/detectron2/ade20k/algm_eva01_vit_adapter_mask2former_896_algm.yaml
   python tools/d2_train_net.py --num-gpus 8 --config-file X.yaml
   python tools/d2_train_net.py --eval-only --config-file X.yaml MODEL.WEIGHTS output/model_final.pth
 Needs detectron2 and Mask2Former on PYTHONPATH (docs/DETECTRON2.md).
