@@ -89,12 +89,16 @@ class StopRun(Exception):
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    """A one-process gloo group for DeepSpeed, torn down (with the environment it set) after this module."""
+    """A one-process gloo group for DeepSpeed, torn down (with the environment it set) after the module that uses
+    it; DeepSpeed's cached clone of the world group goes with it, so that a later module's group gets a new one."""
+    from deepspeed.utils import groups
+
     saved = dict(os.environ)
     init_distributed({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(find_free_port())}, "gloo")
     yield
     dist.destroy_process_group()
+    groups._WORLD_GROUP = None
     os.environ.clear()
     os.environ.update(saved)
 

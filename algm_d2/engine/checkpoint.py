@@ -266,7 +266,7 @@ class TrainingCheckpointer:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"iteration": iteration},
                                         save_latest=False)
         except OSError as err:
-            raise disk_full_error(directory / "(DeepSpeed's files)", err) from err
+            raise disk_full_error(directory, err) from err
         state = dict(trainer_state, iteration=iteration, rng=rng_state())
         atomic_write(directory / f"trainer_state_rank{rank}.pt", lambda f: torch.save(state, f))
         save_model_weights(self.engine, directory / MODEL_FILE)
