@@ -173,3 +173,21 @@ def test_stage_function_rejects_unknown_stage():
     with pytest.raises(ValueError, match="unknown merge stage"):
         stage_function(ALGMConfig(), "pool", 1)
     assert without_reduction  # exported for callers that build their own stages
+
+
+def test_mode_keys_reach_the_config_and_errors_name_the_key():
+    from algm_d2.config import get_cfg
+    from algm_d2.modeling import algm_config_from_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.ALGM.ENABLED", "True", "MODEL.ALGM.LOCAL_LAYER", "None", "MODEL.ALGM.GLOBAL_LAYER",
+                         "None", "MODEL.ALGM.TOME_R", "8", "MODEL.ALGM.TOME_LAYERS", "[3, 1]",
+                         "MODEL.ALGM.MERGE_VALUE", "random", "MODEL.ALGM.REDUCE_TOKENS", "False"])
+    config = algm_config_from_cfg(cfg)
+    assert (config.tome_r, config.tome_layers, config.merge_value, config.reduce_tokens) == (8, (1, 3), "random", False)
+    cfg.MODEL.ALGM.LOCAL_LAYER = 1
+    with pytest.raises(ValueError, match="MODEL.ALGM.TOME_R"):
+        algm_config_from_cfg(cfg)
+    cfg.MODEL.ALGM.LOCAL_METHOD = "pool"
+    with pytest.raises(ValueError, match="MODEL.ALGM.LOCAL_METHOD"):
+        algm_config_from_cfg(cfg)
