@@ -246,7 +246,8 @@ def test_eval_only_through_train_net_with_a_checkpoint_in_evas_layout(tmp_path):
     command = [sys.executable, str(ROOT / "train_net.py"), "--eval-only", "--config-file",
                str(ROOT / "configs/demo/eva_tiny_algm.yaml"), "MODEL.WEIGHTS", str(tmp_path / "eva_tiny.pth"),
                "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISION", "bf16",
-               "INPUT.MIN_SIZE_TEST", "100", "INPUT.SIZE_DIVISIBILITY_TEST", "32", "OUTPUT_DIR", str(tmp_path / "out")]
+               "INPUT.MIN_SIZE_TEST", "100", "INPUT.SIZE_DIVISIBILITY_TEST", "32", "DATASETS.TEST_MAX_IMAGES", "8",
+               "OUTPUT_DIR", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
