@@ -379,12 +379,6 @@ def _test(cfg: CN) -> None:
     cfg.TEST.FLOPS_BACKEND = "fvcore"
     # ALGM's count depends on the image: average it over this many of the first evaluation inputs.
     cfg.TEST.FLOPS_NUM_IMAGES = 20
-    # (H, W) of the synthetic input when GFLOPs are counted without a dataset (benchmark tools).
-    cfg.TEST.FLOPS_IMAGE_SIZE = (512, 512)
-    # Throughput benchmark: batch (the paper: one image repeated 32 times), untimed and timed iterations.
-    cfg.TEST.BENCHMARK_BATCH_SIZE = 32
-    cfg.TEST.BENCHMARK_WARMUP_ITERS = 10
-    cfg.TEST.BENCHMARK_ITERS = 50
     # First batches of an evaluation run left out of its images/s (warm-up).
     cfg.TEST.TIMER_WARMUP_BATCHES = 5
     # Collect per-block token counts during evaluation (models that report merge_stats).
