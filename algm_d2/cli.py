@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Any, Callable
 
 EPILOG = """Examples:
@@ -64,7 +63,7 @@ def error_line(err: BaseException) -> str:
 
 def run_with_short_errors(main_func: Callable[..., Any], *args: Any) -> Any:
     """Run ``main_func(*args)``; one of our own errors (``is_user_error``) ends the process with exit code 1 and
-    one line naming the problem instead of a traceback (logged when logging is set up, else on stderr). Set
+    one line naming the problem instead of a traceback (logged; on stderr as it is when logging is not set up). Set
     ALGM_D2_TRACEBACK=1 for the traceback."""
     if os.environ.get(TRACEBACK_ENV):
         return main_func(*args)
@@ -75,8 +74,6 @@ def run_with_short_errors(main_func: Callable[..., Any], *args: Any) -> Any:
             raise
         spawned = type(err).__name__ == "ProcessExitedException"
         line = f"{error_line(err)}{'; its error is above' if spawned else ''} (traceback: {TRACEBACK_ENV}=1)"
-        if logging.getLogger().handlers:
-            logging.getLogger("algm_d2").error(line)
-        else:
-            print(line, file=sys.stderr)
+        # without configured handlers, logging's last-resort handler writes the bare line to stderr
+        logging.getLogger("algm_d2").error(line)
         raise SystemExit(1) from None

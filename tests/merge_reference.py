@@ -1,6 +1,6 @@
 """Independent, loop-based references of the release's CLAP and GBM for one image (float64, lists, no tricks).
 
-They follow the release's semantics as written in ../shared/specs/algm-method.md: pairwise window cosines, top-r
+They follow the semantics of the authors' release (tue-mps/algm-segmenter, docs/ALGM.md): pairwise window cosines, top-r
 windows, ``[prefix, merged windows by descending score, unmerged cells ascending]``; GBM's alternate split over the
 whole sequence, best match, top-r A tokens merged, ``[prefix, unmerged A in A order, B in B order]``.
 Each returns (tokens as a list of float64 vectors, sizes, groups: list of sets of grid cells per slot).

@@ -3,10 +3,13 @@
 # this machine's torch and CUDA; minutes) unless importable, and its runtime needs unless importable (pip honours
 # PIP_NO_INDEX / PIP_FIND_LINKS for a machine without an index), puts Mask2Former (+ the stand-in for its compiled
 # op: Mask2Former's PyTorch fallback runs) on PYTHONPATH, then runs tools/d2_gpu_check.py with the given options.
-#   THIRD_PARTY=../shared/third_party bash tools/d2_gpu_check.sh [--iters 5 --size 512 --batch 4]
+#   THIRD_PARTY=/path/with/{detectron2-src-02b5c4e.tar.gz,Mask2Former,stubs} bash tools/d2_gpu_check.sh [--iters 5 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THIRD_PARTY="$(cd "${THIRD_PARTY:-../shared/third_party}" && pwd)"
+if [ -z "${THIRD_PARTY:-}" ]; then
+  echo "set THIRD_PARTY to the folder that holds detectron2-src-02b5c4e.tar.gz, Mask2Former/ and stubs/" >&2; exit 1
+fi
+THIRD_PARTY="$(cd "$THIRD_PARTY" && pwd)"
 if ! python -c "import cloudpickle, omegaconf, hydra, matplotlib, black" 2>/dev/null; then
   python -m pip install cloudpickle "omegaconf>=2.1,<2.4" "hydra-core>=1.1" matplotlib black || {
     echo "detectron2 needs cloudpickle, omegaconf, hydra-core, matplotlib and black; install them first" >&2; exit 1; }

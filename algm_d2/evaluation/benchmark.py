@@ -35,9 +35,9 @@ PAPER_GLOBAL_FRACTION = 125 / 416
 
 def standard_settings(local_layer: int = 1, global_layer: int = 5, threshold: float = 0.88
                       ) -> Dict[str, ALGMConfig]:
-    """The settings the speed issue compares: plain, the release's rule (both policies), the paper's token
-    level, and both stages on but merging nothing, twice: at fixed level 0 (the issue's definition: the stages
-    know nothing merges) and with τ above any cosine (``level0_scored``: every candidate scored, the host synced
+    """The benchmark's settings: plain, the release's rule (both policies), the paper's token level, and both
+    stages on but merging nothing, twice: at fixed level 0 (the stages know nothing merges) and with τ above any
+    cosine (``level0_scored``: every candidate scored, the host synced
     for the counts, nothing merged: the cost of the threshold machinery itself)."""
     layers = {"local_layer": local_layer, "global_layer": global_layer}
     return {

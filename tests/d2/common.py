@@ -11,7 +11,7 @@ try:
     import mask2former  # noqa: F401
 except ImportError as err:
     raise ImportError("detectron2 is installed but Mask2Former is not importable: put the Mask2Former checkout and "
-                      "a MultiScaleDeformableAttention op (or ../shared/third_party/stubs) on PYTHONPATH "
+                      "a MultiScaleDeformableAttention op (or a stand-in that raises) on PYTHONPATH "
                       "(docs/DETECTRON2.md; .ci/run does)") from err
 
 import cv2  # noqa: E402
