@@ -11,16 +11,17 @@ from typing import Any, Dict, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...merge import ALGMConfig, MergeState
+from ...merge import MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..backbone.vit_adapter import ViTAdapter
 from ..mask2former import SetCriterion, semantic_inference, semantic_to_instance_targets
 from ..ops.attention_kernels import dynamic_length_attention
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY, TRANSFORMER_DECODER_REGISTRY
+from .merging import MergingNetwork
 from .segmenter import pad_to_multiple
 
 
-class MaskClassificationNet(nn.Module):
+class MaskClassificationNet(MergingNetwork, nn.Module):
     """Shared by the Mask2Former networks: padding, semantic inference, losses, ALGM switches and merge stats."""
 
     output_kind = "probabilities"
@@ -59,23 +60,6 @@ class MaskClassificationNet(nn.Module):
         targets = F.pad(targets, pad, value=self.ignore_value)
         instances = [semantic_to_instance_targets(t, self.ignore_value) for t in targets]
         return self.criterion(outputs, instances)
-
-    @property
-    def algm(self) -> ALGMConfig:
-        return self.backbone.algm
-
-    def set_algm(self, config: ALGMConfig) -> None:
-        """Switch merging (training-free: the weights are unchanged)."""
-        config.check_depth(self.backbone.depth)
-        self.backbone.algm = config
-
-    @property
-    def merge_stats(self) -> Dict[str, Any]:
-        """Of the last forward: ``tokens_per_layer`` (per block, per image, class token included),
-        ``initial_tokens`` and ``num_prefix`` (as :attr:`Segmenter.merge_stats`)."""
-        if self._last_state is None:
-            return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        return self._last_state.stats()
 
 
 @META_ARCH_REGISTRY.register()

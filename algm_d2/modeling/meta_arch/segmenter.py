@@ -18,6 +18,7 @@ from ..ops.attention_kernels import dynamic_length_attention
 from ..inputs import check_image_batch
 from ..ops.upsample_argmax import upsample_argmax, upsample_bilinear
 from ..registry import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEAD_REGISTRY
+from .merging import MergingNetwork
 
 def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor:
     """Pad bottom/right so H and W are multiples of ``multiple`` (the release's ``padding``)."""
@@ -28,7 +29,7 @@ def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor
 
 
 @META_ARCH_REGISTRY.register()
-class Segmenter(nn.Module):
+class Segmenter(MergingNetwork, nn.Module):
     """ViT encoder with ALGM + Segmenter decoder. After a forward, :attr:`merge_stats` describes the merges.
 
     Args:
@@ -63,14 +64,8 @@ class Segmenter(nn.Module):
         """The encoder under detectron2's name (the release calls it ``encoder``)."""
         return self.encoder
 
-    @property
-    def algm(self) -> ALGMConfig:
-        return self.encoder.algm
-
     def set_algm(self, config: ALGMConfig) -> None:
-        """Switch merging (e.g. train with one threshold, evaluate with a lower τ as ALGM*)."""
-        config.check_depth(self.encoder.depth)
-        self.encoder.algm = config
+        super().set_algm(config)
         if isinstance(self.decoder, MaskTransformer):
             self.decoder.prop_attn = config.prop_attn
 
@@ -95,11 +90,3 @@ class Segmenter(nn.Module):
         images = pad_to_multiple(images, self.patch_size)
         labels = upsample_argmax(self._patch_logits(images), tuple(images.shape[-2:]))
         return labels[:, :height, :width]
-
-    @property
-    def merge_stats(self) -> Dict[str, Any]:
-        """Of the last forward: ``tokens_per_layer`` (per block, per image, class token included),
-        ``initial_tokens`` (entering block 1) and ``num_prefix``."""
-        if self._last_state is None:
-            return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        return self._last_state.stats()

@@ -1,18 +1,19 @@
 """What SETR and SegViT share: a plain ViT with ALGM whose heads read the tokens of chosen blocks (taps)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...merge import ALGMConfig, MergeState
+from ...merge import MergeState
 from ..backbone.algm_vit import ALGMViT
 from ..backbone.taps import Tap, check_taps, run_to_taps
+from .merging import MergingNetwork
 from .segmenter import pad_to_multiple
 
 
-class TappedViTNet(nn.Module):
+class TappedViTNet(MergingNetwork, nn.Module):
     """Padding to the patch size, the encoder run up to the deepest tap, ALGM switches and merge stats.
 
     Args:
@@ -52,20 +53,3 @@ class TappedViTNet(nn.Module):
         """Labels ``[B, H, W]`` padded bottom/right with the ignore value to the padded image ``size``."""
         pad = (0, size[1] - targets.shape[-1], 0, size[0] - targets.shape[-2])
         return F.pad(targets, pad, value=self.ignore_value)
-
-    @property
-    def algm(self) -> ALGMConfig:
-        return self.backbone.algm
-
-    def set_algm(self, config: ALGMConfig) -> None:
-        """Switch merging (training-free: the weights are unchanged)."""
-        config.check_depth(self.backbone.depth)
-        self.backbone.algm = config
-
-    @property
-    def merge_stats(self) -> Dict[str, Any]:
-        """Of the last forward: ``tokens_per_layer`` (per block run, per image, prefix included),
-        ``initial_tokens`` and ``num_prefix`` (as :attr:`Segmenter.merge_stats`)."""
-        if self._last_state is None:
-            return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        return self._last_state.stats()
