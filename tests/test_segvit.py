@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from algm_d2.checkpoint import CheckpointMismatchError, load_model_weights
 from algm_d2.config import get_cfg
-from algm_d2.merge import ALGMConfig, FixedLevel
 from algm_d2.modeling import build_model
 from algm_d2.modeling.backbone.taps import Tap
 from algm_d2.modeling.heads.atm_head import ATMHead, ATMLoss
@@ -257,20 +256,6 @@ def test_imagenet_weights_initialise_a_vit_without_class_token(tmp_path):
     expected = resample_abs_pos_embed(imagenet.pos_embed[:, 1:].detach(), (4, 4), num_prefix_tokens=0)
     torch.testing.assert_close(net.backbone.pos_embed.data, expected)
     torch.testing.assert_close(net.backbone.blocks[4].mlp.fc1.weight, imagenet.blocks[4].mlp.fc1.weight)
-
-
-def test_algm_that_merges_nothing_gives_the_plain_scores():
-    torch.manual_seed(0)
-    net = build_model(segvit_cfg()).net.eval()
-    images = torch.randn(2, 3, 64, 80)
-    with torch.no_grad():
-        plain = net(images)
-        net.set_algm(ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(count=0),
-                                global_threshold=FixedLevel(count=0)))
-        nothing = net(images)
-        labels = net.predict_labels(images)
-    torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
-    assert torch.equal(labels, nothing.argmax(1))
 
 
 @pytest.mark.parametrize("config", ["segvit", "setr_mla"])

@@ -336,10 +336,13 @@ def test_bad_setr_settings_name_the_key():
         build_model(cfg)
 
 
-@pytest.mark.parametrize("head", ["naive", "mla"])
-def test_algm_that_merges_nothing_gives_the_plain_outputs(head):
+@pytest.mark.parametrize("network", ["naive", "mla", "segvit"])
+def test_algm_that_merges_nothing_gives_the_plain_outputs(network):
+    """SETR's heads and SegViT's ATM decoder on the tapped layers: both stages on, nothing merged = plain."""
+    from .test_segvit import segvit_cfg
+
     torch.manual_seed(0)
-    net = build_model(setr_cfg(head)).net.eval()
+    net = build_model(segvit_cfg() if network == "segvit" else setr_cfg(network)).net.eval()
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         plain = net(images)

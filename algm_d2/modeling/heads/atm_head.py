@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ...merge.state import attention_dtype
 from ..backbone.taps import Tap
-from ..mask2former.criterion import Target, mean_num_masks
+from ..mask2former.criterion import Target, class_weights_with_no_object, mean_num_masks
 from ..registry import SEM_SEG_HEAD_REGISTRY
 from .segmenter_heads import patch_key_bias
 
@@ -178,10 +178,9 @@ class ATMLoss(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = no_object_weight
         # non-persistent: checkpoints keep the release's keys without the criterion
-        self.register_buffer("empty_weight", empty_weight, persistent=False)
+        self.register_buffer("empty_weight", class_weights_with_no_object(num_classes, no_object_weight),
+                             persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> "ATMLoss":  # noqa: ANN001 - a CfgNode

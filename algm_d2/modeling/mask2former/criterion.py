@@ -35,6 +35,13 @@ def mean_num_masks(targets: List[Target], device: torch.device) -> float:
     return max(float(count), 1.0)
 
 
+def class_weights_with_no_object(num_classes: int, no_object_weight: float) -> Tensor:
+    """``[K + 1]`` cross-entropy weights: 1 for every class, ``no_object_weight`` for the "no object" class."""
+    weights = torch.ones(num_classes + 1)
+    weights[-1] = no_object_weight
+    return weights
+
+
 def point_sample(maps: Tensor, points: Tensor) -> Tensor:
     """Bilinear values of ``maps`` ``[N, 1, H, W]`` at ``points`` ``[N, P, 2]`` ((x, y) in [0, 1]) → ``[N, P]``."""
     return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, align_corners=False)[:, 0, :, 0]
@@ -111,10 +118,9 @@ class SetCriterion(nn.Module):
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
-        class_weights = torch.ones(num_classes + 1)
-        class_weights[-1] = no_object_weight
         # Not persistent: checkpoints keep exactly the model's weights (EVA's key table).
-        self.register_buffer("empty_weight", class_weights, persistent=False)
+        self.register_buffer("empty_weight", class_weights_with_no_object(num_classes, no_object_weight),
+                             persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> "SetCriterion":  # noqa: ANN001 - a CfgNode
