@@ -1,6 +1,7 @@
 """How many groups each image merges, from its candidates' scores, a stage rule and the batch policy."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -86,7 +87,25 @@ def top_rank(scores: Tensor, k: int) -> Tensor:
     return ranks_from_order(scores.topk(k, dim=1).indices, scores.shape[1])
 
 
-def sequence_length(num_tokens: Tensor) -> Tuple[int, bool, int]:
-    """(max tokens, whether images differ, total tokens) with one host sync."""
-    high, low, total = torch.stack([num_tokens.max(), num_tokens.min(), num_tokens.sum()]).tolist()
-    return int(high), high != low, int(total)
+@dataclass(frozen=True)
+class SequenceSizes:
+    """What the host knows of a merge's output: the longest and shortest image (tokens, prefix included) and the
+    total. ``padded``: images differ in length."""
+
+    longest: int
+    shortest: int
+    total: int
+
+    @property
+    def padded(self) -> bool:
+        return self.longest != self.shortest
+
+    @classmethod
+    def uniform(cls, length: int, batch: int) -> "SequenceSizes":
+        return cls(length, length, length * batch)
+
+    @classmethod
+    def of(cls, num_tokens: Tensor) -> "SequenceSizes":
+        """The sizes of ``num_tokens`` ``[B]`` with one host sync."""
+        high, low, total = torch.stack([num_tokens.max(), num_tokens.min(), num_tokens.sum()]).tolist()
+        return cls(int(high), int(low), int(total))
