@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 from torch import Tensor
 
-from .clap import local_merge
+from .clap import LocalPlan, apply_local_merge, local_merge, plan_local_merge
 from .config import ALGMConfig
-from .gbm import global_merge
+from .gbm import GlobalPlan, apply_global_merge, global_merge, plan_global_merge
+from .rules import SequenceSizes
 from .state import MergeState
 from .tome import tome_merge
 from .variants import Stage, pick_random_members, without_reduction
@@ -45,3 +46,40 @@ def merge_after_attention(x: Tensor, state: MergeState, config: ALGMConfig, laye
         stage = stage_function(config, name, layer)
         x, state = stage(x, state) if config.reduce_tokens else without_reduction(x, state, stage)
     return x, state
+
+
+StagePlan = Union[LocalPlan, GlobalPlan]
+# the stages that split into a plan and its application (ToMe and the Table 6 variants run whole)
+SPLIT_STAGES = frozenset({"clap", "local_gbm", "gbm"})
+
+
+def splits_into_plans(config: ALGMConfig, depth: int) -> bool:
+    """Whether every stage of ``config`` in a ``depth``-block model can run as :func:`plan_stage` then
+    :func:`apply_stage` (the averaging, token-reducing ALGM stages)."""
+    return config.merge_value == "average" and config.reduce_tokens and all(
+        set(config.stages_at(layer)) <= SPLIT_STAGES for layer in range(1, depth + 1))
+
+
+def plan_stage(config: ALGMConfig, name: str, layer: int, x: Tensor, state: MergeState) -> Optional[StagePlan]:
+    """The first half of stage ``name`` at 1-based ``layer`` (no host sync); None if it can merge nothing."""
+    policy = config.batch_policy
+    if name == "clap":
+        return plan_local_merge(x, state, config.window, config.local_threshold, policy, layer)
+    if name in ("local_gbm", "gbm"):
+        rule = config.local_threshold if name == "local_gbm" else config.global_threshold
+        return plan_global_merge(x, state, rule, policy, layer)
+    raise ValueError(f"stage {name!r} does not split into a plan and its application")
+
+
+def apply_stage(config: ALGMConfig, name: str, x: Tensor, state: MergeState, plan: StagePlan, sizes: SequenceSizes,
+                seq_len: Optional[int] = None) -> Tuple[Tensor, MergeState]:
+    """The second half of stage ``name``: apply ``plan`` (output ``sizes`` on the host), padded to ``seq_len``."""
+    if name == "clap":
+        return apply_local_merge(x, state, plan, config.window, sizes, seq_len=seq_len)
+    return apply_global_merge(x, state, plan, sizes, seq_len=seq_len)
+
+
+def stage_changes_tokens(name: str, sizes: SequenceSizes, length: int) -> bool:
+    """Whether applying a plan with output ``sizes`` to ``length`` tokens changes them: CLAP that merges no window
+    leaves them as they are; GBM always reorders (the release's order), even when it merges nothing."""
+    return name != "clap" or sizes.shortest != length

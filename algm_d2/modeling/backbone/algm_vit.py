@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ...merge import OFF, ALGMConfig, MergeState, merge_after_attention
+from ...merge.rules import SequenceSizes
+from ...merge.stages import splits_into_plans
 from ...merge.packing import PackedLayout, SequenceOffsets
 from ...merge.state import attention_dtype
 from ..ops.attention_kernels import dynamic_length_attention
@@ -25,6 +27,7 @@ from ..inputs import check_image_batch
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import BACKBONE_REGISTRY
 from .block_graphs import BlockGraphs
+from .segments import SegmentRunner
 from .build import algm_config_from_cfg, build_timm_vit
 from .rope import RotaryPhases
 
@@ -84,7 +87,7 @@ class ALGMViT(nn.Module):
         activation_checkpointing: recompute the attention and MLP halves of each block in backward when training.
         packed_attention: run padded per-image batches on their valid tokens only, with variable-length attention
             (inference; see :meth:`_packs`); False keeps the padded batch with a key mask.
-        cuda_graphs: in CUDA inference, replay each run of blocks between merges as a CUDA graph once its shape
+        cuda_graphs: in CUDA inference, replay the work between two host syncs as a CUDA graph once its shape
             comes back (see :mod:`.block_graphs`; small models are bound by the host's launches); no effect on the
             CPU or in training. ``cuda_graph_buckets``: row buckets per doubling of a packed total
             (:class:`BlockGraphs` ``buckets_per_octave``).
@@ -215,45 +218,34 @@ class ALGMViT(nn.Module):
         """Run blocks ``start..end-1`` (0-based) on ``stream`` in place, merging where its ALGM config says.
 
         Adapters interleave their own steps between block ranges; the stream carries the merged tokens, the state and
-        the attention inputs derived from it (key bias, RoPE at mean positions) across calls. A padded per-image batch
-        runs packed (valid tokens only, variable-length attention) where :meth:`_packs` allows; the tokens stay packed
-        from block to block and are unpacked for a merge or at the end. With CUDA graphs on, the MLP half of a
-        merging block and the blocks without a merge after it replay as one graph (:mod:`.block_graphs`).
+        the attention inputs derived from it (key bias, RoPE at mean positions) across calls. Each block is
+        attention → the merges its layer has → MLP. In CUDA inference with graphs on, the range runs as segments cut
+        at the merges' host syncs, each a graph replay (:mod:`.segments`); otherwise eagerly, where a padded
+        per-image batch runs packed (valid tokens only, variable-length attention) where :meth:`_packs` allows.
         """
         with dynamic_length_attention(stream.algm.data_dependent):
-            self._run_blocks(stream, start, end, observer)
+            if self._graphs_on(stream.x, observer) and splits_into_plans(stream.algm, self.depth):
+                SegmentRunner(self, self.block_graphs).run(stream, start, end)
+                return
+            packed: Optional[Tensor] = None  # the tokens while they stay packed from block to block
+            for index in range(start, end):
+                packed = self._run_block(stream, index, packed, observer)
+            if packed is not None:
+                stream.x = stream.layout.unpack(packed)
 
-    def _run_blocks(self, stream: "TokenStream", start: int, end: int, observer: Optional[Observer]) -> None:
-        packed: Optional[Tensor] = None
-        borrowed = False  # stream.x is a graph's buffer (the next replay overwrites it)
-        index = start
-        while index < end:
-            packs = self._packs(stream, index, observer)
-            stop = self._graph_run_end(stream, index, end, observer, packs)
-            if stop > index:  # a run of blocks without a merge (the plain model: all of them)
-                packed, borrowed = self._replay_run(stream, None, None, index, stop, packed, packs)
-                index = stop
-            else:
-                packed, index, borrowed = self._run_block(stream, index, end, packed, packs, observer)
-        if packed is not None:
-            stream.x = stream.layout.unpack(packed)
-        elif borrowed:
-            stream.x = stream.x.clone()
-
-    def _run_block(self, stream: "TokenStream", index: int, end: int, packed: Optional[Tensor], packs: bool,
-                   observer: Optional[Observer]) -> Tuple[Optional[Tensor], int, bool]:
-        """Block ``index`` (and its merge, if any) on ``stream``; ``packed``: the tokens while they stay packed.
-        With graphs on, a merging block's MLP half replays with the merge-free blocks after it. Returns the packed
-        tokens after it (None when they are in ``stream.x``), the next block and whether ``stream.x`` is a graph's."""
+    def _run_block(self, stream: "TokenStream", index: int, packed: Optional[Tensor],
+                   observer: Optional[Observer]) -> Optional[Tensor]:
+        """Block ``index`` on ``stream``: attention, the merges after it, MLP. ``packed``: the tokens while they stay
+        packed (None when they are in ``stream.x``); returns them after the block."""
         layer = index + 1
-        if packs:
+        if self._packs(stream, index, observer):
             layout = stream.layout
             packed = layout.pack(stream.x) if packed is None else packed
             packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
             if not stream.algm.merges_at(layer):
                 packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
                 stream.state.record_layer()
-                return packed, index + 1, False
+                return packed
             x = layout.unpack(packed)
         else:
             if packed is not None:  # a block that cannot run packed follows one that did
@@ -265,27 +257,18 @@ class ALGMViT(nn.Module):
         previous = stream.state
         x, stream.state = merge_after_attention(x, stream.state, stream.algm, layer)
         if stream.state is not previous:
-            # with graphs on, a thresholded batch of equal counts (a batch-level policy) runs packed too: packed
-            # graphs are bucketed by size, where dense ones are keyed by an exact length that rarely comes back
-            stream.refresh_attention_inputs(x, self.num_prefix_tokens, pack_unpadded=stream.algm.data_dependent
-                                            and self._graphs_on(x, observer))
-        packs = self._packs(stream, index, observer)  # the merged per-image batch: its MLP on valid tokens only
-        if self._graphs_on(x, observer):
-            stop = self._graph_run_end(stream, index + 1, end, observer, packs)
-            packed, borrowed = self._replay_run(stream, x, index, index + 1, stop, None, packs)
-            return packed, stop, borrowed
+            stream.refresh_attention_inputs(x, self.num_prefix_tokens)
         packed = None
-        if packs:
+        if self._packs(stream, index, observer):  # the merged per-image batch: its MLP on valid tokens only
             packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
         else:
             stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
         stream.state.record_layer()
-        return packed, index + 1, False
+        return packed
 
     def _graphs_on(self, x: Tensor, observer: Optional[Observer]) -> bool:
-        """Whether runs of blocks on ``x`` replay CUDA graphs (on, inference, no observer, see BlockGraphs.usable;
-        not with parameters that DeepSpeed ZeRO-3 gathers and frees around each call: a graph would keep their
-        addresses)."""
+        """Whether blocks on ``x`` replay CUDA graphs (on, inference, no observer, see BlockGraphs.usable; not with
+        parameters that DeepSpeed ZeRO-3 gathers and frees around each call: a graph would keep their addresses)."""
         graphs = self.block_graphs
         if graphs is None or observer is not None or self.training or not graphs.usable(x):
             return False
@@ -295,65 +278,17 @@ class ALGMViT(nn.Module):
                 logger.warning("block CUDA graphs are off: the parameters are partitioned (DeepSpeed ZeRO-3)")
         return not graphs.partitioned
 
-    def _graph_run_end(self, stream: "TokenStream", index: int, end: int, observer: Optional[Observer],
-                       packs: bool) -> int:
-        """The end of the run of blocks from ``index`` without a merge that all run packed or all run dense, in
-        graph-capable inference (``index`` itself: none)."""
-        if not self._graphs_on(stream.x, observer):
-            return index
-        stop = index
-        while stop < end and not stream.algm.merges_at(stop + 1) and self._packs(stream, stop, observer) == packs:
-            stop += 1
-        return stop
-
-    def _replay_run(self, stream: "TokenStream", merged: Optional[Tensor], head: Optional[int], start: int,
-                    stop: int, packed: Optional[Tensor], packs: bool) -> Tuple[Optional[Tensor], bool]:
-        """Replay the MLP half of block ``head`` on the ``merged`` tokens (if given) and blocks ``start..stop-1`` as
-        one graph. Returns (packed tokens or None, whether ``stream.x`` is the graph's buffer)."""
-        graphs, key = self.block_graphs, (head, start, stop)
-        for _ in range(start - (head is not None), stop):
-            stream.state.record_layer()
-        if packs:
-            run = self._packed_run(head, start, stop)
-            if merged is not None:
-                state = stream.state
-                return graphs.packed_from_padded(key, run, merged, state.num_tokens, state.total_tokens), False
-            packed = stream.layout.pack(stream.x) if packed is None else packed
-            return graphs.packed(key, run, packed, stream.layout), False
-        if merged is None and packed is not None:
-            stream.x = stream.layout.unpack(packed)
-        x = stream.x if merged is None else merged
-        stream.x = graphs.dense(key, self._dense_run(head, start, stop), x, stream.key_bias(x), stream.rope)
-        return None, True
-
-    def _packed_run(self, head: Optional[int], start: int, stop: int
-                    ) -> Callable[[Tensor, SequenceOffsets], Tensor]:
-        def run(x: Tensor, offsets: SequenceOffsets) -> Tensor:
-            if head is not None:
-                x = self._mlp_residual(head, x)
-            for index in range(start, stop):
-                x = self._mlp_residual(index, self._packed_attention_residual(index, x, offsets))
-            return x
-        return run
-
-    def _dense_run(self, head: Optional[int], start: int, stop: int
-                   ) -> Callable[[Tensor, Optional[Tensor], Optional[Tensor]], Tensor]:
-        def run(x: Tensor, bias: Optional[Tensor], rope: Optional[Tensor]) -> Tensor:
-            if head is not None:
-                x = self._mlp_residual(head, x)
-            for index in range(start, stop):
-                x = self._mlp_residual(index, self._attention_residual(index, x, bias, rope))
-            return x
-        return run
+    def block_packs(self, algm: ALGMConfig, index: int) -> bool:
+        """Whether block ``index`` can attend on packed tokens: a plain ViT block (EVA's RoPE/fused-bias attention
+        and gated attention stay padded) without a key bias (proportional attention needs one, varlen has none)."""
+        return (not algm.prop_attn and self.kinds[index] == "vit"
+                and getattr(self.blocks[index].attn, "gate", None) is None)
 
     def _packs(self, stream: "TokenStream", index: int, observer: Optional[Observer]) -> bool:
-        """Whether block ``index`` runs on packed tokens: a padded per-image batch in inference, a plain ViT block
-        (EVA's RoPE/fused-bias attention and gated attention stay padded), no key bias (proportional attention needs
-        one, flash varlen has none) and no observer (it reads the padded batch)."""
-        block = self.blocks[index]
+        """Whether block ``index`` runs eagerly on packed tokens: a padded per-image batch in inference, a block that
+        :meth:`block_packs`, no observer (it reads the padded batch)."""
         return (self.packed_attention and stream.packable and not self.training and observer is None
-                and not stream.algm.prop_attn and self.kinds[index] == "vit"
-                and getattr(block.attn, "gate", None) is None)
+                and self.block_packs(stream.algm, index))
 
     def _packed_attention_residual(self, index: int, x: Tensor, offsets: SequenceOffsets) -> Tensor:
         """``x + attn(norm1(x))`` on packed tokens ``[total, C]``: timm's attention parts, variable-length kernel."""
@@ -383,9 +318,9 @@ class TokenStream:
         bias: additive key bias for attention (log sizes, -inf on padding) or None while nothing is merged; read it
             through :meth:`key_bias` (built on first use after a merge: packed blocks need none).
         grid_rope: RoPE sin‖cos of the unmerged grid (EVA-02) or None; ``rope`` is the one for the current tokens.
-        packable: a merged batch whose total is known on the host, padded (per image) or, with graphs on, not: its
-            valid tokens can run packed, at the places :attr:`layout` gives (built on first use: a block graph
-            builds its own).
+        packable: a padded (per-image) merged batch whose total is known on the host: its valid tokens can run
+            packed, at the places :attr:`layout` gives (built on first use).
+        sizes: the sequence sizes the last graphed range left (saves a host sync when the next range starts).
     """
 
     x: Tensor
@@ -398,6 +333,7 @@ class TokenStream:
     bias_stale: bool = False
     packable: bool = False
     packed_layout: Optional[PackedLayout] = None
+    sizes: Optional[SequenceSizes] = None
 
     def key_bias(self, x: Tensor) -> Optional[Tensor]:
         """The key bias for padded attention on ``x`` (the current tokens), built once per merge."""
@@ -412,12 +348,11 @@ class TokenStream:
             self.packed_layout = packed_layout_of(self.state)
         return self.packed_layout
 
-    def refresh_attention_inputs(self, x: Tensor, num_prefix: int, pack_unpadded: bool = False) -> None:
+    def refresh_attention_inputs(self, x: Tensor, num_prefix: int) -> None:
         """Refresh what attention needs after a merge (``x``: the merged tokens): the RoPE at mean positions and,
-        on first use, the packed layout and the key bias. ``pack_unpadded``: an unpadded merged batch is packable
-        too."""
+        on first use, the packed layout and the key bias."""
         self.bias, self.bias_stale = None, True
-        self.packable = (self.state.padded or pack_unpadded) and self.state.total_tokens is not None
+        self.packable = self.state.padded and self.state.total_tokens is not None
         self.packed_layout = None
         if self.grid_rope is not None:
             self.phases = self.phases or RotaryPhases(self.grid_rope, self.state.grid_size)

@@ -1,25 +1,20 @@
-"""CUDA graphs of the backbone's runs of blocks between merges (inference).
+"""CUDA graphs of the backbone's segments: the work between two host syncs of a forward pass (inference).
 
-In eager mode a small ViT on a GPU is bound by the host: an H100 runs a Seg-S block on 32 images faster than Python
-issues its ~15 kernels. Under thresholds the host also waits at each merge's sync until the GPU has drained its
-queue, and every kernel it issues after that is on the critical path. The MLP half of a merging block and the blocks
-without a merge after it have no host sync and, for one input shape, a fixed sequence of kernels, so they are
-captured once and replayed: one launch for the run. Token counts vary from batch to batch, so
+In eager mode a small ViT on a GPU is bound by the host: a Seg-S block on 32 images runs faster on the GPU than
+Python issues its ~15 kernels, and a merge adds ~100 small ones. Under thresholds the host also waits at each merge's
+sync until the GPU has drained its queue, so every kernel it issues after that is on the critical path. Between two
+syncs the work has, for one set of input shapes, a fixed sequence of kernels (:mod:`.segments` cuts the blocks
+there and buckets the shapes), so it is captured once and replayed: one launch per segment. Row counts of packed
+runs are bucketed by :func:`bucket_rows` (16 buckets per doubling by default: at most 6.25% extra rows that belong
+to no image, computed and dropped), the padded length of a merged batch by :func:`bucket_seqlen` (packed runs: it
+only sizes the attention grid) or :func:`bucket_rows` (padded runs).
 
-- packed runs (a per-image batch) are bucketed: the total is rounded up to 1/16 of its power of two (by default:
-  ≤ 6.25% extra rows, 16 buckets per doubling) and the longest image to a multiple of 256 (it only sizes the
-  attention grid and the padded input). The rows past the real total belong to no image: attention never reads them and every other op
-  works row by row, so they are computed and dropped. After a merge the graph also builds the packed layout and packs
-  the padded batch, so the host issues neither.
-- dense runs (every image with the same count: the plain model, fixed levels, batch-level policies) are keyed by
-  their exact shapes.
-
-A key is captured the ``capture_after``-th time it is seen (default: the second); before that its run is eager
-(on the same bucketed static shapes), so shapes that never come back (a batch-level token count in an evaluation of
-ever new images) cost no capture. Each captured key owns a graph, its static inputs and its output (each replay
-overwrites it); all graphs share one memory pool for their intermediates (they replay one at a time on one stream).
-At most ``max_graphs`` are kept, least recently used first out. Capture runs with autocast's weight cache off: a cached cast would be freed when the
-caller's autocast context ends, and later replays would read freed memory.
+A key is captured the ``capture_after``-th time it is seen (default: the second); before that its segment runs
+eagerly on the same static shapes, so shapes that never come back cost no capture. Each captured key owns a graph,
+its static inputs and its outputs (each replay overwrites them); all graphs share one memory pool for their
+intermediates (they replay one at a time on one stream). At most ``max_graphs`` are kept, least recently used first
+out. Capture runs with autocast's weight cache off: a cached cast would be freed when the caller's autocast context
+ends, and later replays would read freed memory.
 """
 from __future__ import annotations
 
@@ -31,13 +26,11 @@ from typing import Callable, Hashable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...merge.packing import SequenceOffsets
-from ..ops.packed_layout import build_layout
 
 logger = logging.getLogger(__name__)
 
-# the longest image is rounded up to this for the attention grid (the Triton kernel's query block is 64; programs
-# past an image's end exit at once, so a coarse step costs little and keeps the number of graphs down)
+# a packed run's longest image is rounded up to this (it sizes the attention grid, whose programs past an image's
+# end exit at once: a coarse step costs little and keeps the number of graphs down)
 SEQLEN_STEP = 256
 
 
@@ -57,7 +50,13 @@ def bucket_seqlen(max_seqlen: int) -> int:
 class _Captured:
     graph: Optional["torch.cuda.CUDAGraph"]
     inputs: Tuple[Tensor, ...]  # static inputs, copied into before each replay
-    output: Optional[Tensor]  # written by each replay
+    output: Optional[Tuple[object, ...]]  # written by each replay
+
+
+def _copy_outputs(static: Tuple[object, ...], fresh: Tuple[object, ...]) -> Tuple[object, ...]:
+    """``fresh`` outputs written into the ``static`` ones (tensors in place, as a replay would; others, and expanded
+    views that cannot be written in place, replaced)."""
+    return tuple(s.copy_(f) if isinstance(s, Tensor) and 0 not in s.stride() else f for s, f in zip(static, fresh))
 
 
 class BlockGraphs:
@@ -89,6 +88,7 @@ class BlockGraphs:
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         # sightings of keys not captured yet (bounded: the oldest are forgotten first)
         self._sightings: "OrderedDict[Hashable, int]" = OrderedDict()
+        self._uncapturable: set = set()  # keys whose capture failed: they run eagerly
         self._pool = None
         self.captures = 0  # graphs captured so far (a steady state captures none)
         self.eager_runs = 0  # runs of keys not captured yet
@@ -107,59 +107,23 @@ class BlockGraphs:
     def clear(self) -> None:
         self._graphs.clear()
         self._sightings.clear()
+        self._uncapturable.clear()
 
-    def packed(self, key: Hashable, run: Callable[[Tensor, SequenceOffsets], Tensor], x: Tensor,
-               offsets: SequenceOffsets) -> Tensor:
-        """``run(x, offsets)`` on packed rows ``x`` ``[total, C]`` through the graph of the bucket of (total, longest
-        image); returns ``[total, C]``, a view of the graph's output (valid until its next replay)."""
-        total = x.shape[0]
-        rows, seq_len = bucket_rows(total, self.buckets_per_octave), bucket_seqlen(offsets.max_seqlen)
+    def segment(self, key: Hashable, run: Callable[..., Tuple[object, ...]], inputs: Sequence[Tensor]
+                ) -> Tuple[object, ...]:
+        """``run(*inputs)`` (static shapes: the caller buckets them) through the graph of ``key`` and these shapes;
+        returns its outputs (tensors valid until the graph's next replay; other values as the capture left them)."""
+        return self._replay(("segment", key), run, inputs, [tuple(t.shape) for t in inputs])
 
-        def static_run(x_static: Tensor, cu_static: Tensor) -> Tensor:
-            return run(x_static, SequenceOffsets(cu_static, seq_len))
-
-        inputs = (x, offsets.cu_seqlens)
-        shapes = ((rows,) + tuple(x.shape[1:]), tuple(offsets.cu_seqlens.shape))
-        return self._replay(("packed", key, seq_len), static_run, inputs, shapes)[:total]
-
-    def packed_from_padded(self, key: Hashable, run: Callable[[Tensor, SequenceOffsets], Tensor], x: Tensor,
-                           counts: Tensor, total: int) -> Tensor:
-        """Pack the padded batch ``x`` ``[B, T, C]`` (image b: ``counts[b]`` valid tokens first, ``total`` in all)
-        and apply ``run(packed, offsets)``, all in the graph of the bucket of (total, T): the packed layout is built
-        on the GPU, so the host issues no layout kernels. Returns ``[total, C]`` (valid until the next replay)."""
-        batch, seq_len, channels = x.shape
-        rows, padded_len = bucket_rows(total, self.buckets_per_octave), bucket_seqlen(seq_len)
-
-        def static_run(x_static: Tensor, counts_static: Tensor) -> Tensor:
-            cu_seqlens, pack_index = build_layout(counts_static, padded_len, rows, zero_tail=True)
-            return run(x_static.flatten(0, 1).index_select(0, pack_index), SequenceOffsets(cu_seqlens, padded_len))
-
-        shapes = ((batch, padded_len, channels), tuple(counts.shape))
-        return self._replay(("packed_from_padded", key, rows), static_run, (x, counts), shapes)[:total]
-
-    def dense(self, key: Hashable, run: Callable[..., Tensor], x: Tensor, *extras: Optional[Tensor]) -> Tensor:
-        """``run(x, *extras)`` (``None`` extras stay None) through the graph of these exact shapes; returns the
-        graph's output (valid until its next replay)."""
-        present = [i for i, t in enumerate(extras) if t is not None]
-
-        def static_run(x_static: Tensor, *given: Tensor) -> Tensor:
-            full = [None] * len(extras)
-            for i, t in zip(present, given):
-                full[i] = t
-            return run(x_static, *full)
-
-        inputs = (x,) + tuple(extras[i] for i in present)
-        return self._replay(("dense", key, tuple(present)), static_run, inputs, [tuple(t.shape) for t in inputs])
-
-    def _replay(self, key: Hashable, run: Callable[..., Tensor], inputs: Sequence[Tensor],
-                shapes: Sequence[Tuple[int, ...]]) -> Tensor:
+    def _replay(self, key: Hashable, run: Callable[..., Tuple[object, ...]], inputs: Sequence[Tensor],
+                shapes: Sequence[Tuple[int, ...]]) -> Tuple[object, ...]:
         device = inputs[0].device
         autocast = torch.is_autocast_enabled(device.type)
         key = key + (str(device), tuple(shapes), tuple(t.dtype for t in inputs), autocast,
                      torch.get_autocast_dtype(device.type) if autocast else None, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         fresh = entry is None
-        if fresh and self._sighted(key) < self.capture_after:
+        if fresh and (key in self._uncapturable or self._sighted(key) < self.capture_after):
             self.eager_runs += 1
             return run(*self._static_inputs(inputs, shapes))
         if fresh:
@@ -170,9 +134,15 @@ class BlockGraphs:
                 static[tuple(slice(0, n) for n in given.shape)].copy_(given)
         if not self.capture:
             out = run(*entry.inputs)
-            entry.output = out if entry.output is None else entry.output.copy_(out)
+            entry.output = out if entry.output is None else _copy_outputs(entry.output, out)
         elif fresh:
-            entry.graph, entry.output = self._capture(run, entry.inputs)
+            try:
+                entry.graph, entry.output = self._capture(run, entry.inputs)
+            except RuntimeError as error:  # an op that cannot be captured (e.g. a host sync): run it eagerly
+                self._uncapturable.add(key)
+                logger.warning("a block segment could not be captured as a CUDA graph; it runs eagerly from now on "
+                               "(inputs %s): %s", [tuple(t.shape) for t in inputs], error)
+                return run(*entry.inputs)
         if entry.graph is not None:
             entry.graph.replay()
         if fresh:
@@ -199,8 +169,8 @@ class BlockGraphs:
             static[tuple(slice(0, n) for n in given.shape)].copy_(given)
         return buffers
 
-    def _capture(self, run: Callable[..., Tensor], inputs: Tuple[Tensor, ...]
-                 ) -> Tuple["torch.cuda.CUDAGraph", Tensor]:
+    def _capture(self, run: Callable[..., Tuple[object, ...]], inputs: Tuple[Tensor, ...]
+                 ) -> Tuple["torch.cuda.CUDAGraph", Tuple[object, ...]]:
         device = inputs[0].device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
