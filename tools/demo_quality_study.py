@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -56,13 +57,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval-period", type=int, default=100, help="evaluate every this many iterations")
     parser.add_argument("--patience", type=int, default=3,
                         help="stop after this many evaluations without a better validation mIoU")
-    parser.add_argument("--max-train-minutes", type=float, default=1.75,
+    parser.add_argument("--max-train-minutes", type=float, default=1.5,
                         help="also stop the plain training at the first evaluation after this many minutes")
-    parser.add_argument("--finetune-iter", type=int, default=300,
+    parser.add_argument("--finetune-iter", type=int, default=200,
                         help="iterations of the ALGM fine-tuning from the best plain weights")
     parser.add_argument("--base-lr", type=float, default=5e-4)
     parser.add_argument("--num-train", type=int, default=4000, help="demo training images")
-    parser.add_argument("--num-val", type=int, default=300, help="demo validation images")
+    parser.add_argument("--num-val", type=int, default=200, help="demo validation images")
     parser.add_argument("--calibration-images", type=int, default=256, help="training crops for τ = μ + σ")
     parser.add_argument("--flops-images", type=int, default=4, help="validation images whose GFLOPs are counted")
     parser.add_argument("--taus", type=float, nargs="+", default=list(SWEEP_TAUS), help="τ of the ALGM* sweep")
@@ -70,7 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="DataLoader workers (default: 12 on cuda, 0 on cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny models and data, a few iterations (checks the pipeline, numbers mean nothing)")
+                        help="tiny models and data, a few iterations; overrides the size and schedule options (checks the "
+                             "pipeline, its numbers mean nothing)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.crop, args.batch_size, args.max_iter, args.eval_period, args.patience = 64, 4, 4, 2, 1
@@ -108,6 +110,7 @@ def run_study(args: argparse.Namespace, study: Dict[str, Any]) -> None:
     start = time.monotonic()
     for key in args.models:
         study["models"][key] = study_model(args, key, datasets, out / key)
+        gc.collect()  # the finished model's DeepSpeed engine and loaders, before the next model's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     study["wall_seconds"] = time.monotonic() - start
