@@ -71,8 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="DataLoader workers (default: 12 on cuda, 0 on cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny models and data, a few iterations; overrides the size and schedule options (checks the "
-                             "pipeline, its numbers mean nothing)")
+                        help="tiny models and data, a few iterations; overrides the size and schedule options "
+                             "(checks the pipeline, its numbers mean nothing)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.crop, args.batch_size, args.max_iter, args.eval_period, args.patience = 64, 4, 4, 2, 1
@@ -314,12 +314,13 @@ def calibrate(args: argparse.Namespace, cfg, model, output_dir: Path) -> Dict[st
 def study_row(setting: str, algm, result: Dict[str, Any], baseline: float) -> Dict[str, Any]:  # noqa: ANN001
     """One table row from an evaluation (:func:`algm_d2.analysis.sweep.evaluate_setting`'s result)."""
     kept = (result.get("tokens") or {}).get("kept_ratio_per_layer") or []
-    return {"setting": setting,
-            "local_rule": None if algm is None else f"{_rule(algm.local_threshold)} after layer {algm.local_layer}",
-            "global_rule": None if algm is None else f"{_rule(algm.global_threshold)} after layer {algm.global_layer}",
+    rules = {stage: None if algm is None else f"{_rule(getattr(algm, stage + '_threshold'))} after layer "
+             f"{getattr(algm, stage + '_layer')}" for stage in ("local", "global")}
+    return {"setting": setting, "local_rule": rules["local"], "global_rule": rules["global"],
             "mIoU": result["mIoU"], "delta_mIoU": result["mIoU"] - baseline,
             "images_per_second": result["images_per_second"], "gflops": result.get("gflops"),
-            "kept_tokens_mean": sum(kept) / len(kept) if kept else None, "kept_tokens_final": kept[-1] if kept else None}
+            "kept_tokens_mean": sum(kept) / len(kept) if kept else None,
+            "kept_tokens_final": kept[-1] if kept else None}
 
 
 def markdown_tables(study: Dict[str, Any]) -> str:
