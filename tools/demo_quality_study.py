@@ -141,12 +141,18 @@ def study_settings(args: argparse.Namespace, datasets: Dict[str, str]) -> Dict[s
             "inference": "one image per forward (batch 1, so ALGM's batch policies 'min' and 'per_image' coincide)"}
 
 
+def architecture(args: argparse.Namespace, key: str) -> Dict[str, int]:
+    """MODEL.BACKBONE's EMBED_DIM, NUM_HEADS and DEPTH of model ``key`` (``SMOKE_ARCH`` under --smoke)."""
+    if args.smoke:
+        return dict(SMOKE_ARCH)
+    return {"EMBED_DIM": MODELS[key]["EMBED_DIM"], "NUM_HEADS": MODELS[key]["NUM_HEADS"], "DEPTH": DEPTH}
+
+
 def study_config(args: argparse.Namespace, key: str, datasets: Dict[str, str], output_dir: Path):  # noqa: ANN201
     """The plain model's training config: Base-Demo's solver with the study's architecture, crop and schedule."""
     from algm_d2.config import get_cfg
 
-    arch = dict(SMOKE_ARCH) if args.smoke else {"EMBED_DIM": MODELS[key]["EMBED_DIM"],
-                                                 "NUM_HEADS": MODELS[key]["NUM_HEADS"], "DEPTH": DEPTH}
+    arch = architecture(args, key)
     crop = args.crop
     cfg = get_cfg()
     cfg.merge_from_file(str(Path(__file__).resolve().parents[1] / "configs/demo/Base-Demo.yaml"))
@@ -162,7 +168,7 @@ def study_config(args: argparse.Namespace, key: str, datasets: Dict[str, str], o
         "SOLVER.IMS_PER_BATCH", args.batch_size, "SOLVER.BASE_LR", args.base_lr,
         "SOLVER.MAX_ITER", args.max_iter, "SOLVER.WARMUP_ITERS", min(100, args.max_iter // 10),
         "SOLVER.CHECKPOINT_PERIOD", args.max_iter, "SOLVER.LOG_PERIOD", args.eval_period,
-        # from scratch, 12 blocks: clipping keeps the early AdamW steps finite
+        # from scratch, 12 blocks: a guard against loss spikes of the early AdamW steps
         "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
         "DEEPSPEED.PRECISION", args.precision, "TEST.PRECISION", args.precision,
         "TEST.EVAL_PERIOD", args.eval_period, "TEST.COMPUTE_FLOPS", False, "TEST.TENSORBOARD_IMAGES", 0,
@@ -283,9 +289,7 @@ def study_model(args: argparse.Namespace, key: str, datasets: Dict[str, str], ou
         rows.append(study_row(f"ALGM* (τ = {star['tau']:g})",
                               dataclasses.replace(release, local_threshold=star["tau"], global_threshold=star["tau"]),
                               star, baseline))
-    arch = SMOKE_ARCH if args.smoke else {"EMBED_DIM": MODELS[key]["EMBED_DIM"], "NUM_HEADS": MODELS[key]["NUM_HEADS"],
-                                          "DEPTH": DEPTH}
-    return {"name": MODELS[key]["name"], "architecture": arch, "plain_training": plain_run,
+    return {"name": MODELS[key]["name"], "architecture": architecture(args, key), "plain_training": plain_run,
             "algm_finetuning": finetune_run, "calibration": calibration, "sweep": sweep["sweep"],
             "algm_star_tau": star["tau"] if star else None, "rows": rows, "seconds": time.monotonic() - start}
 
@@ -327,7 +331,7 @@ def markdown_tables(study: Dict[str, Any]) -> str:
     settings = study["settings"]
     lines = [f"Demo shapes (procedural, not ADE20K), {settings['crop']}² crops ({settings['grid'][0]}×"
              f"{settings['grid'][1]} patches), {settings['device']} {settings['precision']}; "
-             f"inference {settings['inference']}.", ""]
+             f"inference {settings['inference']}; whole study {study['wall_seconds']:.0f} s.", ""]
     header = ["setting", "CLAP rule", "GBM rule", "mIoU", "Δ mIoU", "images/s", "GFLOPs/image",
               "tokens kept (mean over blocks)", "tokens kept (last block)"]
     for model in study["models"].values():
@@ -337,7 +341,8 @@ def markdown_tables(study: Dict[str, Any]) -> str:
                   f"{plain['best']['iteration']} (stopped: {plain['stop_reason']}); ALGM fine-tuning: best at "
                   f"iteration {model['algm_finetuning']['best']['iteration']}. Calibrated τ: "
                   + ", ".join(f"{name} {value:.4f}" for name, value in model["calibration"]["thresholds"].items())
-                  + ("." if model["algm_star_tau"] is not None else "; no swept τ reached the plain mIoU (no ALGM*)."),
+                  + ("" if model["algm_star_tau"] is not None else "; no swept τ reached the plain mIoU (no ALGM*)")
+                  + f". Study of this model: {model['seconds']:.0f} s.",
                   "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in model["rows"]:
             flag = " (!)" if row["delta_mIoU"] < -FLAG_MIOU_LOSS else ""
