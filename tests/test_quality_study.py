@@ -107,3 +107,20 @@ def test_help_and_bad_crop():
         tool.parse_args(["--crop", "100"])
     args = tool.parse_args(["--device", "cpu"])
     assert (args.precision, args.num_workers, args.crop) == ("fp32", 0, 256)
+
+
+def test_plateau_stops_after_patience_evaluations_without_improvement():
+    plateau = load_tool().Plateau(patience=2, deadline=100.0, max_iter=50)
+    steps = [(10, 40.0, False), (20, 45.0, False), (30, 45.0, False), (40, 44.0, True)]
+    decisions = [plateau.update(iteration, miou, now=0.0) for iteration, miou, _ in steps]
+    assert decisions == [(True, None), (True, None), (False, None), (False, "patience")]
+    assert plateau.best == {"iteration": 20, "mIoU": 45.0}  # a tie is no improvement
+    assert [entry["iteration"] for entry in plateau.history] == [10, 20, 30, 40]
+
+
+def test_plateau_time_and_last_iteration():
+    plateau = load_tool().Plateau(patience=1, deadline=5.0, max_iter=20)
+    assert plateau.update(10, 30.0, now=6.0) == (True, "time")
+    late = load_tool().Plateau(patience=1, deadline=5.0, max_iter=20)
+    assert late.update(10, 30.0, now=1.0) == (True, None)
+    assert late.update(20, 10.0, now=9.0) == (False, None)  # training ends there anyway

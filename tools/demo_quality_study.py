@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -181,38 +181,53 @@ class _StopTraining(Exception):
     """Raised from an evaluation to end training early."""
 
 
+class Plateau:
+    """The early-stopping rule: the best evaluation so far, and why to stop (None: go on). Training stops after
+    ``patience`` evaluations in a row without a better mIoU, or at the first evaluation after ``deadline``
+    (time.monotonic()); never at the last iteration, where training ends anyway."""
+
+    # a plain class: a dataclass needs its module in sys.modules, which a tool loaded from its path is not
+    def __init__(self, *, patience: int, deadline: float, max_iter: int) -> None:
+        self.patience, self.deadline, self.max_iter = patience, deadline, max_iter
+        self.history: List[Dict[str, float]] = []
+        self.best: Dict[str, float] = {}
+
+    def update(self, iteration: int, miou: float, now: float) -> Tuple[bool, Optional[str]]:
+        """(whether this evaluation is the best so far, the stop reason)."""
+        self.history.append({"iteration": iteration, "mIoU": miou})
+        improved = not self.best or miou > self.best["mIoU"]
+        if improved:
+            self.best = {"iteration": iteration, "mIoU": miou}
+        if iteration >= self.max_iter:
+            return improved, None
+        since_best = sum(1 for entry in self.history if entry["iteration"] > self.best["iteration"])
+        if since_best >= self.patience:
+            return improved, "patience"
+        return improved, "time" if now > self.deadline else None
+
+
 def early_stopping_trainer_class():  # noqa: ANN201 - the class, built after torch is imported
     from algm_d2.engine import Trainer
     from algm_d2.engine.checkpoint import save_model_weights
 
     class EarlyStoppingTrainer(Trainer):
         """Trainer whose periodic evaluations keep the best weights (OUTPUT_DIR/model_best.pth) and end training
-        after ``patience`` evaluations without a better mIoU, or at the first evaluation after ``deadline``."""
+        when ``plateau`` says so."""
 
-        def __init__(self, cfg, *, patience: int, deadline: float) -> None:  # noqa: ANN001 - a CfgNode
+        def __init__(self, cfg, *, plateau: Plateau) -> None:  # noqa: ANN001 - a CfgNode
             super().__init__(cfg)
-            self.patience, self.deadline = patience, deadline
+            self.plateau = plateau
             self.dataset = cfg.DATASETS.TEST[0]
             self.best_path = self.output_dir / "model_best.pth"
-            self.history: List[Dict[str, float]] = []
-            self.best: Dict[str, float] = {}
-            self.evaluations_since_best = 0
             self.stop_reason = "max_iter"
 
         def test(self, step: int) -> Dict[str, Any]:
             results = super().test(step)
-            miou = results[self.dataset]["sem_seg"]["mIoU"]
-            self.history.append({"iteration": step, "mIoU": miou})
-            if not self.best or miou > self.best["mIoU"]:
-                self.best, self.evaluations_since_best = {"iteration": step, "mIoU": miou}, 0
+            improved, stop = self.plateau.update(step, results[self.dataset]["sem_seg"]["mIoU"], time.monotonic())
+            if improved:
                 save_model_weights(self.engine, self.best_path)
-            else:
-                self.evaluations_since_best += 1
-            if self.evaluations_since_best >= self.patience and step < self.cfg.SOLVER.MAX_ITER:
-                self.stop_reason = "patience"
-                raise _StopTraining
-            if time.monotonic() > self.deadline and step < self.cfg.SOLVER.MAX_ITER:
-                self.stop_reason = "time"
+            if stop is not None:
+                self.stop_reason = stop
                 raise _StopTraining
             return results
 
@@ -222,9 +237,10 @@ def early_stopping_trainer_class():  # noqa: ANN201 - the class, built after tor
                 self.train()
             except _StopTraining:
                 pass  # train() closed the event writers on its way out
+            best = self.plateau.best
             logger.info("%s: stopped (%s) after %d evaluations; best mIoU %.2f at iteration %d", self.output_dir,
-                        self.stop_reason, len(self.history), self.best["mIoU"], self.best["iteration"])
-            return {"best": self.best, "history": self.history, "stop_reason": self.stop_reason,
+                        self.stop_reason, len(self.plateau.history), best["mIoU"], best["iteration"])
+            return {"best": best, "history": self.plateau.history, "stop_reason": self.stop_reason,
                     "weights": str(self.best_path)}
 
     return EarlyStoppingTrainer
@@ -237,7 +253,8 @@ def train_until_plateau(cfg, *, patience: int, minutes: float) -> Dict[str, Any]
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
     seed_everything(cfg.SEED)
-    trainer = early_stopping_trainer_class()(cfg, patience=patience, deadline=time.monotonic() + 60.0 * minutes)
+    plateau = Plateau(patience=patience, deadline=time.monotonic() + 60.0 * minutes, max_iter=cfg.SOLVER.MAX_ITER)
+    trainer = early_stopping_trainer_class()(cfg, plateau=plateau)
     run = trainer.fit()
     del trainer
     return run
