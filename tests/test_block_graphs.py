@@ -279,3 +279,26 @@ def test_a_segment_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypat
     assert len(model.block_graphs._uncapturable) > 0
     for tokens, ref_tokens in zip(got, expected):
         torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, syncs", [("per_image", 2), ("batch_min", 2), ("fixed", 0), ("plain", 0)])
+def test_a_graphed_forward_syncs_once_per_thresholded_stage(monkeypatch, name, syncs):
+    """The host reads token counts once per stage with a threshold (the segment after it needs the sizes) and never
+    for fixed levels or the plain model, however many segments run."""
+    from algm_d2.merge.rules import SequenceSizes
+
+    model = tiny_model(SETTINGS[name])
+    model.use_cuda_graphs(True, capture=False)
+    reads = []
+    original = SequenceSizes.of.__func__
+
+    def counted(cls, num_tokens):
+        reads.append(num_tokens.shape)
+        return original(cls, num_tokens)
+
+    monkeypatch.setattr(SequenceSizes, "of", classmethod(counted))
+    with torch.no_grad():
+        for images in image_batches(3):
+            reads.clear()
+            model(images)
+            assert len(reads) == syncs

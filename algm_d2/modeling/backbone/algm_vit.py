@@ -139,7 +139,7 @@ class ALGMViT(nn.Module):
 
     def use_cuda_graphs(self, enabled: bool, *, max_graphs: int = 128, buckets_per_octave: int = 16,
                         capture: bool = True, capture_after: int = 2) -> None:
-        """Turn the block-run CUDA graphs on (a fresh, empty :class:`BlockGraphs`) or off (frees them)."""
+        """Turn the segment CUDA graphs on (a fresh, empty :class:`BlockGraphs`) or off (frees them)."""
         self.block_graphs = (BlockGraphs(max_graphs=max_graphs, buckets_per_octave=buckets_per_octave,
                                          capture=capture, capture_after=capture_after) if enabled else None)
 

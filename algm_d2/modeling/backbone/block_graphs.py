@@ -60,7 +60,7 @@ def _copy_outputs(static: Tuple[object, ...], fresh: Tuple[object, ...]) -> Tupl
 
 
 class BlockGraphs:
-    """Captures and replays runs of blocks, keyed by their static shapes.
+    """Captures and replays the segments of :mod:`.segments`, keyed by their static shapes.
 
     Args:
         max_graphs: graphs kept at once (least recently used are dropped).
@@ -95,7 +95,7 @@ class BlockGraphs:
         self.partitioned: Optional[bool] = None  # the owner's parameters are gathered per call (set on first use)
 
     def usable(self, x: Tensor) -> bool:
-        """Whether a run of blocks on ``x`` may replay a graph: CUDA inference without autograd, outside a capture,
+        """Whether blocks on ``x`` may replay a graph: CUDA inference without autograd, outside a capture,
         torch.compile or a jit trace (those record the blocks themselves)."""
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False

@@ -7,7 +7,8 @@ next merging block's attention half) and ends with the next stage's plan, which 
 the counts (one sync per stage), picks the next segment's buckets and replays its graph: a forward pass is a few
 graph replays and one sync per stage; fixed levels (sizes known on the host) need no sync at all.
 
-Inside a segment, tokens after a merge are padded to a bucketed length; ViT blocks that can run packed do so (the
+Inside a segment, tokens after a thresholded merge are padded to a bucketed length (fixed levels keep their exact
+length, the same every batch); ViT blocks that can run packed do so (the
 packed layout is built on the GPU, rows bucketed), the others run on the padded batch with a key mask (and RoPE at
 the merged positions for EVA-02). Padding slots have size 0, so every stage and the key bias leave them out; the
 range's output is trimmed to the real longest image, so callers see the tokens and state the eager path gives.
@@ -118,8 +119,10 @@ class SegmentRunner:
             merged = state.merged or changes
             packs = self._packs(stream.algm, body, merged)
             length = x.shape[1]
-            if merged:
-                length = bucket_seqlen(sizes.longest) if packs else bucket_rows(sizes.longest)
+            if merged:  # thresholds: lengths change every batch, so bucket them; fixed levels keep theirs
+                length = sizes.longest
+                if stream.algm.data_dependent:
+                    length = bucket_seqlen(length) if packs else bucket_rows(length)
                 if pending is None:  # a range that starts on merged tokens: pad them to the bucket
                     x, state = pad_stream(x, state, length)
             if changes:
