@@ -7,7 +7,8 @@ coordinates, and the grid's index map is composed with ``dest`` — there is no 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -41,8 +42,8 @@ class MergeState:
         num_tokens: ``[B]`` long, valid tokens per image (prefix included); the rest of the sequence is padding.
         padded: whether any image keeps fewer tokens than the sequence length (only under ``per_image``).
         merged: whether any merge has been applied (CLAP needs the unmerged grid).
-        history: ``num_tokens`` after each block so far, appended by the backbone (shared by the states of one
-            forward pass); read it through :meth:`tokens_per_layer`.
+        history: ``num_tokens`` after each block so far (the backbone records each block with
+            :meth:`record_layer`); read it through :meth:`tokens_per_layer`.
         total_tokens: sum of ``num_tokens`` as a host int when known (the merge stages learn it with their one host
             sync), else None; packed layouts need it.
         virtual: under the no-reduction ablation (every token kept), the merged layout the stages would have left;
@@ -57,7 +58,7 @@ class MergeState:
     num_tokens: Tensor
     padded: bool = False
     merged: bool = False
-    history: List[Tensor] = field(default_factory=list)
+    history: Tuple[Tensor, ...] = ()
     total_tokens: Optional[int] = None
     virtual: Optional["MergeState"] = None
 
@@ -170,9 +171,10 @@ class MergeState:
         grid = self.unmerge(tokens)
         return grid.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
-    def record_layer(self) -> None:
-        """Append the current token counts to the history (the backbone calls it once per block)."""
-        self.history.append(self.num_tokens)
+    def record_layer(self) -> "MergeState":
+        """This state with its current token counts appended to the history (the backbone calls it once per
+        block)."""
+        return dataclasses.replace(self, history=self.history + (self.num_tokens,))
 
     def stats(self) -> Dict[str, Any]:
         """What a network reports as ``merge_stats``: ``tokens_per_layer`` (per block, per image, prefix included),

@@ -244,7 +244,7 @@ class ALGMViT(nn.Module):
             packed = self._maybe_checkpoint(self._packed_attention_residual, index, packed, layout)
             if not stream.algm.merges_at(layer):
                 packed = self._maybe_checkpoint(self._mlp_residual, index, packed)
-                stream.state.record_layer()
+                stream.state = stream.state.record_layer()
                 return packed
             x = layout.unpack(packed)
         else:
@@ -263,7 +263,7 @@ class ALGMViT(nn.Module):
             packed = self._maybe_checkpoint(self._mlp_residual, index, stream.layout.pack(x))
         else:
             stream.x = self._maybe_checkpoint(self._mlp_residual, index, x)
-        stream.state.record_layer()
+        stream.state = stream.state.record_layer()
         return packed
 
     def _graphs_on(self, x: Tensor, observer: Optional[Observer]) -> bool:

@@ -130,7 +130,8 @@ class SegmentRunner:
             x, state, plan = self._segment(stream, x, state, pending if changes else None, body, tail, length,
                                            packs, sizes)
             changed = changed or changes
-            state.history.extend(counts for op in body if op.kind == "mlp")
+            done = tuple(counts for op in body if op.kind == "mlp")  # blocks finished in this segment
+            state = dataclasses.replace(state, history=state.history + done)
             if tail is None:
                 break
             pending = None if plan is None else _Pending(tail, plan, plan.sizes or SequenceSizes.of(plan.num_tokens))
@@ -208,5 +209,7 @@ class SegmentRunner:
                 state, sizes=state.sizes[:, :longest].clone(), positions=state.positions[:, :longest].clone(),
                 index_map=state.index_map.clone(), num_tokens=counts, padded=sizes.padded, total_tokens=sizes.total)
             stream.sizes = sizes
+        else:  # nothing merged: the stream's own state (not the graphs' copies), with the blocks recorded
+            stream.state = dataclasses.replace(stream.state, history=state.history)
         if changed:
             stream.refresh_attention_inputs(stream.x, self.vit.num_prefix_tokens)
