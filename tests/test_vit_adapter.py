@@ -198,6 +198,25 @@ def test_held_vit_follows_the_adapters_mode_dtype_loads_and_merge_config():
     assert model.vit.pos_embed is model.pos_embed and torch.equal(model.vit.pos_embed, state["pos_embed"])
 
 
+
+def test_activation_checkpointing_in_the_held_vit_recomputes_its_blocks_with_the_same_gradients(monkeypatch):
+    import algm_d2.modeling.backbone.algm_vit as algm_vit
+
+    calls = []
+    checkpoint = algm_vit.checkpoint
+    monkeypatch.setattr(algm_vit, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    images = torch.randn(1, 3, 64, 96)
+    grads = []
+    for recompute in (False, True):
+        model = tiny_adapter(REFERENCE_MERGING).train()
+        model.vit.activation_checkpointing = recompute
+        sum(f.square().mean() for f in model(images)[0]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 2 * 4  # attention and MLP halves of each block, only when asked
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
 def test_networks_that_decode_vit_tokens_reject_the_adapter_by_its_config_key():
     from algm_d2.modeling.meta_arch.mask2former import MergedTokenMask2Former
     from algm_d2.modeling.meta_arch.segmenter import Segmenter

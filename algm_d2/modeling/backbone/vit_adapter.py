@@ -179,7 +179,7 @@ class Extractor(nn.Module):
 
 
 class InteractionBlock(nn.Module):
-    """Injector → (the lead's ViT blocks) → extractor (+ extra extractors); names as ViT-Adapter's ``*WithCls``."""
+    """Injector → (a range of ViT blocks) → extractor (+ extra extractors); names as ViT-Adapter's ``*WithCls``."""
 
     def __init__(self, *, dim: int, num_heads: int, num_points: int, value_ratio: float, init_values: float,
                  with_cffn: bool, cffn_ratio: float, extra_extractor: bool, impl: str) -> None:
@@ -264,8 +264,8 @@ class ViTAdapter(nn.Module):
     def _adopt(self, encoder: ALGMViT) -> None:
         """Hold ``encoder`` outside the module tree (nothing registered twice) and adopt its parts as this module's."""
         object.__setattr__(self, "vit", encoder)
-        # One table of top-level tensors (class token, position embedding) for both: conversions, assign-loads and
-        # re-assignment replace them in place for the ViT too.
+        # One table of top-level tensors (class token, position embedding; the level embedding joins it, unread by the
+        # ViT) for both: conversions, assign-loads and re-assignment replace them for the ViT too.
         self._parameters, self._buffers = encoder._parameters, encoder._buffers
         self._non_persistent_buffers_set = encoder._non_persistent_buffers_set
         for name, child in encoder.named_children():
