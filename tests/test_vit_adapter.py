@@ -1,13 +1,18 @@
-"""ViT-Adapter with ALGM: the merged-token injector/extractor equal unmerge → op → re-merge, shapes, no-merge = base."""
+"""ViT-Adapter with ALGM: the merged-token injector/extractor equal unmerge → op → re-merge, shapes, no-merge = base,
+the held ViT's names and state, and the outputs against stored fingerprints."""
 from __future__ import annotations
 
+import json
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from timm.models.eva import Eva
 from torch import nn
 
+from algm_d2.config import get_cfg
 from algm_d2.merge import OFF, ALGMConfig, FixedLevel, MergeState, global_merge, local_merge
 from algm_d2.modeling.backbone.vit_adapter import Extractor, Injector, ViTAdapter, reference_points, slot_mean
 
@@ -144,3 +149,122 @@ def test_adapter_around_eva02_with_rope_merges_and_keeps_its_outputs_at_merge_le
     assert all(torch.isfinite(f).all() for f in merged)
     for a, b in zip(kept, base):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def tiny_eva02_adapter() -> ViTAdapter:
+    from algm_d2.modeling import build_eva
+
+    torch.manual_seed(0)
+    vit = build_eva(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=3, mlp_ratio=4 * 2 / 3, eva02=True,
+                    rope_pretrain_grid=4)
+    return ViTAdapter(vit=vit, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8,
+                      deform_num_heads=HEADS, init_values=0.5, msda_impl="reference").eval()
+
+
+def test_adapter_names_are_the_vits_own_beside_its_parts_and_nothing_is_registered_twice():
+    torch.manual_seed(0)
+    vit = Eva(img_size=64, patch_size=16, embed_dim=DIM, depth=4, num_heads=HEADS, mlp_ratio=2.0, num_classes=0)
+    vit_keys = [k for k in vit.state_dict() if not k.startswith(("norm.", "fc_norm."))]
+    model = ViTAdapter(vit=vit, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8,
+                       deform_num_heads=HEADS)
+    keys = list(model.state_dict())
+    # the module's own tensors first (the ViT's, then the level embedding), then the ViT's modules, then the adapter's
+    own = ["cls_token", "pos_embed"]
+    assert keys[:3] == own + ["level_embed"]
+    assert keys[3:3 + len(vit_keys) - 2] == [k for k in vit_keys if k not in own]
+    adapter_parts = [k.split(".")[0] for k in keys[1 + len(vit_keys):]]
+    assert list(dict.fromkeys(adapter_parts)) == ["spm", "interactions", "up", "norm1", "norm2", "norm3", "norm4"]
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(list(model.parameters()))
+    assert set(names) <= set(keys)
+    assert not any(isinstance(m, type(model.vit)) for m in model.modules())
+    assert model.vit.blocks is model.blocks and model.vit.cls_token is model.cls_token
+
+
+def test_held_vit_follows_the_adapters_mode_dtype_loads_and_merge_config():
+    model = tiny_adapter()
+    merging = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
+                         global_threshold=FixedLevel(fraction=0.3))
+    model.algm = merging
+    assert model.vit.algm is merging and model.algm is merging
+    model.train()
+    assert model.vit.training and model.blocks.training
+    model.eval()
+    assert not model.vit.training and not model.blocks.training
+    model.double()
+    assert model.vit.cls_token is model.cls_token and model.vit.pos_embed.dtype == torch.float64
+    state = {k: v.float() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert model.vit.pos_embed is model.pos_embed and torch.equal(model.vit.pos_embed, state["pos_embed"])
+
+
+
+def test_activation_checkpointing_in_the_held_vit_recomputes_its_blocks_with_the_same_gradients(monkeypatch):
+    import algm_d2.modeling.backbone.algm_vit as algm_vit
+
+    calls = []
+    checkpoint = algm_vit.checkpoint
+    monkeypatch.setattr(algm_vit, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    images = torch.randn(1, 3, 64, 96)
+    grads = []
+    for recompute in (False, True):
+        model = tiny_adapter(REFERENCE_MERGING).train()
+        model.vit.activation_checkpointing = recompute
+        sum(f.square().mean() for f in model(images)[0]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 2 * 4  # attention and MLP halves of each block, only when asked
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+def test_networks_that_decode_vit_tokens_reject_the_adapter_by_its_config_key():
+    from algm_d2.modeling.meta_arch.mask2former import MergedTokenMask2Former
+    from algm_d2.modeling.meta_arch.segmenter import Segmenter
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[1] / "configs/demo/eva_tiny.yaml"))
+    for network in (Segmenter, MergedTokenMask2Former):
+        with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME: .*'ViTAdapter'"):
+            network.from_config(cfg)
+
+
+REFERENCE = Path(__file__).resolve().parent / "data" / "vit_adapter_reference.json"
+REFERENCE_MERGING = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
+                               global_threshold=FixedLevel(fraction=0.3))
+
+
+def reference_fingerprints() -> dict:
+    """Per case: each pyramid level's per-channel mean and std (float64) and the kept tokens after each block."""
+    cases = {}
+    for name, build in (("eva01", tiny_adapter), ("eva02_rope", tiny_eva02_adapter)):
+        model = build()
+        for size in ((64, 64), (64, 96)):
+            images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+            for setting, algm in (("off", OFF), ("merging", REFERENCE_MERGING)):
+                with torch.no_grad():
+                    feats, state = model(images, algm=algm)
+                cases[f"{name}_{size[0]}x{size[1]}_{setting}"] = {
+                    "levels": [[[float(f"{v:.8g}") for v in stat.tolist()]
+                                for stat in (f.double().mean((0, 2, 3)), f.double().std((0, 2, 3)))] for f in feats],
+                    "tokens_per_layer": state.tokens_per_layer()}
+    return cases
+
+
+def test_adapter_outputs_match_the_stored_fingerprints():
+    """The tiny adapters (EVA-01; EVA-02 with RoPE), at the pretraining grid and another, unmerged and merging, give
+    the pyramid recorded in tests/data (rewrite it with ``python tests/test_vit_adapter.py`` only for an intended
+    change of outputs)."""
+    stored = json.loads(REFERENCE.read_text())
+    got = reference_fingerprints()
+    assert sorted(got) == sorted(stored)
+    for case, expected in stored.items():
+        assert got[case]["tokens_per_layer"] == expected["tokens_per_layer"], case
+        for level, (mine, theirs) in enumerate(zip(got[case]["levels"], expected["levels"])):
+            torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, c=case, i=level: f"{c} level {i}: {m}")
+
+
+if __name__ == "__main__":
+    REFERENCE.write_text("{\n" + ",\n".join(f"{json.dumps(case)}: {json.dumps(value)}"
+                                            for case, value in reference_fingerprints().items()) + "\n}\n")
+    sys.exit(0)

@@ -114,8 +114,8 @@ class SectionTimer:
 def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
     """Mark: ViT blocks (each ``run_blocks`` call) vs the adapter around them; pixel decoder; transformer decoder
     (with the prediction heads and the semantic inference after it)."""
-    backbone, head = net.backbone, net.decode_head
-    run_blocks = backbone.run_blocks
+    vit, head = net.backbone.vit, net.decode_head
+    run_blocks = vit.run_blocks
 
     def timed_blocks(*args: Any, **kwargs: Any) -> None:
         timer.mark("vit_blocks")
@@ -126,13 +126,13 @@ def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
         return [module.register_forward_pre_hook(lambda *_: timer.mark(label)),
                 module.register_forward_hook(lambda *_: timer.mark(after))]
 
-    backbone.run_blocks = timed_blocks
+    vit.run_blocks = timed_blocks
     # the head runs the decoder layers itself after the pixel decoder: everything after it is the decoder
     hooks = label_hooks(head.pixel_decoder, "pixel_decoder", "transformer_decoder")
     try:
         yield
     finally:
-        del backbone.run_blocks
+        del vit.run_blocks
         for hook in hooks:
             hook.remove()
 

@@ -14,7 +14,7 @@ Their settings are algm_d2's MODEL.BACKBONE / MODEL.ALGM / MODEL.VIT_ADAPTER key
 """
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, TypeVar
 
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import LayerNorm
@@ -118,7 +118,10 @@ class ALGMViTAdapterBackbone(ViTAdapter, Backbone):
         return {"size_divisibility": self.size_divisibility, "square_size": 0}
 
 
-def with_pretrained(backbone: ALGMViT, cfg) -> ALGMViT:  # noqa: ANN001 - a CfgNode
+Encoder = TypeVar("Encoder", ALGMViT, ViTAdapter)
+
+
+def with_pretrained(backbone: Encoder, cfg) -> Encoder:  # noqa: ANN001 - a CfgNode
     """MODEL.BACKBONE.PRETRAINED (timm / EVA weights) into the ViT; MODEL.WEIGHTS, loaded afterwards, wins."""
     if cfg.MODEL.BACKBONE.PRETRAINED:
         load_pretrained_vit(backbone, cfg.MODEL.BACKBONE.PRETRAINED)

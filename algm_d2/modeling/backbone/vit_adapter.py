@@ -16,7 +16,7 @@ the blocks), so EVA's mmcv checkpoint loads without renaming.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from ...merge import OFF, ALGMConfig, MergeState
 from ...merge.state import row_sums
 from ..ops.msda import MSDeformAttn, SpatialShapes
 from ..registry import BACKBONE_REGISTRY
-from .algm_vit import ALGMViT, TokenStream, patchify, resize_pos_embed
+from .algm_vit import ALGMViT, TokenStream
 from .build import algm_config_from_cfg, build_timm_vit
 
 
@@ -179,7 +179,7 @@ class Extractor(nn.Module):
 
 
 class InteractionBlock(nn.Module):
-    """Injector → (the lead's ViT blocks) → extractor (+ extra extractors); names as ViT-Adapter's ``*WithCls``."""
+    """Injector → (a range of ViT blocks) → extractor (+ extra extractors); names as ViT-Adapter's ``*WithCls``."""
 
     def __init__(self, *, dim: int, num_heads: int, num_points: int, value_ratio: float, init_values: float,
                  with_cffn: bool, cffn_ratio: float, extra_extractor: bool, impl: str) -> None:
@@ -196,9 +196,18 @@ class InteractionBlock(nn.Module):
         return [self.extractor] + (list(self.extra_extractors) if self.extra_extractors is not None else [])
 
 
+# The ViT's final norms: the adapter's per-level norms take their place (not in the release's checkpoints).
+UNUSED_VIT_PARTS = ("norm", "fc_norm")
+
+
 @BACKBONE_REGISTRY.register()
-class ViTAdapter(ALGMViT):
+class ViTAdapter(nn.Module):
     """EVA/ViT + ViT-Adapter with ALGM; ``forward(images) -> ([f1, f2, f3, f4] at strides 4..32, MergeState)``.
+
+    The ViT is an :class:`ALGMViT` (:attr:`vit`) that the adapter drives between its interactions through
+    ``embed``, ``start`` and ``run_blocks``, as ViTDet's simple feature pyramid holds its ViT. Its modules and
+    parameters are adopted as this module's own (same objects), so parameter and state_dict names are the release's
+    (``blocks.*``, ``patch_embed.*``, ``cls_token`` beside ``spm.*``, ``interactions.*``), with no ``vit.`` prefix.
 
     Args:
         vit: a timm ``Eva`` (EVA-01, EVA-02) or ``VisionTransformer`` with a class token; its final norm is unused.
@@ -209,36 +218,37 @@ class ViTAdapter(ALGMViT):
         algm, pos_embed_interp, activation_checkpointing, cuda_graphs, cuda_graph_buckets: as :class:`ALGMViT`.
     """
 
+    vit: ALGMViT
+
     def __init__(self, *, vit: nn.Module, interaction_indexes: Sequence[Sequence[int]], conv_inplane: int = 64,
                  deform_num_heads: int = 16, n_points: int = 4, deform_ratio: float = 0.5, cffn_ratio: float = 0.25,
                  with_cffn: bool = True, init_values: float = 0.0, extra_extractor: bool = True,
                  add_vit_feature: bool = True, msda_impl: str = "auto", algm: ALGMConfig = OFF,
                  pos_embed_interp: str = "bicubic", activation_checkpointing: bool = False,
                  cuda_graphs: bool = True, cuda_graph_buckets: int = 16) -> None:
-        super().__init__(vit=vit, algm=algm, pos_embed_interp=pos_embed_interp,
-                         activation_checkpointing=activation_checkpointing, cuda_graphs=cuda_graphs,
-                         cuda_graph_buckets=cuda_graph_buckets)
-        if self.num_prefix_tokens != 1 or self.cls_token is None:
+        super().__init__()
+        encoder = ALGMViT(vit=vit, algm=algm, pos_embed_interp=pos_embed_interp,
+                          activation_checkpointing=activation_checkpointing, cuda_graphs=cuda_graphs,
+                          cuda_graph_buckets=cuda_graph_buckets)
+        if encoder.num_prefix_tokens != 1 or encoder.cls_token is None:
             raise ValueError("ViTAdapter expects a ViT with exactly one class token and no register tokens")
         ranges = [tuple(int(i) for i in r) for r in interaction_indexes]
         expected = 0
         for first, last in ranges:
             if first != expected or last < first:
-                raise ValueError(f"MODEL.VIT_ADAPTER.INTERACTION_INDEXES {ranges} must split blocks 0..{self.depth - 1}"
-                                 " into consecutive inclusive ranges")
+                raise ValueError(f"MODEL.VIT_ADAPTER.INTERACTION_INDEXES {ranges} must split blocks "
+                                 f"0..{encoder.depth - 1} into consecutive inclusive ranges")
             expected = last + 1
-        if expected != self.depth:
+        if expected != encoder.depth:
             raise ValueError(f"MODEL.VIT_ADAPTER.INTERACTION_INDEXES {ranges} cover {expected} blocks, the ViT has "
-                             f"{self.depth}")
+                             f"{encoder.depth}")
         if add_vit_feature and len(ranges) != 4:
             raise ValueError(f"MODEL.VIT_ADAPTER.ADD_VIT_FEATURE adds one interaction output per pyramid level: "
                              f"INTERACTION_INDEXES needs 4 ranges, got {len(ranges)}")
+        self._adopt(encoder)
         self.interaction_indexes = ranges
         self.add_vit_feature = add_vit_feature
-        # The adapter's pyramid replaces the ViT's final norm and pooling (not in the release's checkpoints).
-        self.norm = nn.Identity()
-        self.fc_norm = nn.Identity()
-        dim = self.embed_dim
+        dim = encoder.embed_dim
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         self.spm = SpatialPriorModule(inplanes=conv_inplane, embed_dim=dim)
         self.interactions = nn.Sequential(*[
@@ -250,6 +260,66 @@ class ViTAdapter(ALGMViT):
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (BatchNorm2d(dim) for _ in range(4))
         self._init_adapter_weights()
+
+    def _adopt(self, encoder: ALGMViT) -> None:
+        """Hold ``encoder`` outside the module tree (nothing registered twice) and adopt its parts as this module's."""
+        object.__setattr__(self, "vit", encoder)
+        # One table of top-level tensors (class token, position embedding; the level embedding joins it, unread by the
+        # ViT) for both: conversions, assign-loads and re-assignment replace them for the ViT too.
+        self._parameters, self._buffers = encoder._parameters, encoder._buffers
+        self._non_persistent_buffers_set = encoder._non_persistent_buffers_set
+        for name, child in encoder.named_children():
+            if name not in UNUSED_VIT_PARTS:
+                self.add_module(name, child)
+
+    def train(self, mode: bool = True) -> "ViTAdapter":
+        super().train(mode)
+        self.vit.train(mode)  # its own flag decides activation checkpointing, packing and graphs
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "ViTAdapter":
+        # .to() / .half() may give the ViT's parameters new storage, which its captured block graphs would not see
+        if self.vit.block_graphs is not None:
+            self.vit.block_graphs.clear()
+        return super()._apply(fn, recurse)
+
+    @property
+    def algm(self) -> ALGMConfig:
+        return self.vit.algm
+
+    @algm.setter
+    def algm(self, config: ALGMConfig) -> None:
+        self.vit.algm = config
+
+    @property
+    def depth(self) -> int:
+        return self.vit.depth
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        return self.vit.patch_size
+
+    @property
+    def kinds(self) -> List[str]:
+        """The ViT's block kinds (pretrained loading picks timm's checkpoint filter by them)."""
+        return self.vit.kinds
+
+    @property
+    def vit_state_keys(self) -> FrozenSet[str]:
+        """The ViT's own state_dict keys (pretrained loading initialises only these)."""
+        return self.vit.vit_state_keys
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def no_embed_class(self) -> bool:
+        return self.vit.no_embed_class
 
     @classmethod
     def from_config(cls, cfg) -> "ViTAdapter":  # noqa: ANN001 - a CfgNode
@@ -282,19 +352,10 @@ class ViTAdapter(ALGMViT):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
 
-    def _embed_patches(self, images: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
-        """Patch tokens + position embedding (the class token gets none, as the release) → ``[B, 1 + h*w, C]``."""
-        x = patchify(self.patch_embed.proj, images)
-        grid = (x.shape[-2], x.shape[-1])
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        if self.pos_embed is not None:
-            pos_embed = self.pos_embed[:, self.pos_embed.shape[1] - self.pretrain_grid[0] * self.pretrain_grid[1]:]
-            if grid != self.pretrain_grid:
-                pos_embed = resize_pos_embed(pos_embed, self.pretrain_grid, grid, 0, self.pos_embed_interp)
-            x = x + pos_embed
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.pos_drop(x)], dim=1)
-        rope = self.rope.get_embed(shape=list(grid)) if self.rope is not None else None
-        return x, grid, rope
+    def _embed(self, images: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
+        """The ViT's embedding ``[B, 1 + h*w, C]`` with a bare class token (the release adds it no position)."""
+        x, grid, rope = self.vit.embed(images)
+        return torch.cat([self.vit.cls_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1), grid, rope
 
     def forward(self, images: Tensor, observer=None, algm: Optional[ALGMConfig] = None  # noqa: ANN001
                 ) -> Tuple[List[Tensor], MergeState]:
@@ -304,18 +365,18 @@ class ViTAdapter(ALGMViT):
                              f"must align with the patch grid); got {tuple(images.shape[-2:])}")
         c1, (c2, c3, c4) = self.spm(images)
         level_tokens = [c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]]
-        x, grid, grid_rope = self._embed_patches(images)
+        x, grid, grid_rope = self._embed(images)
         h, w = grid
         level_shapes = [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]
         injector_points = reference_points([grid], images.device)
         extractor_points = reference_points(level_shapes, images.device)
         c = torch.cat(level_tokens, dim=1)
-        stream = self.start(x, grid, grid_rope, algm)
+        stream = self.vit.start(x, grid, grid_rope, algm)
         outs = []
         for interaction, (first, last) in zip(self.interactions, self.interaction_indexes):
             patches = interaction.injector(stream.x[:, 1:], stream.state, injector_points, c, level_shapes)
             stream.x = torch.cat([stream.x[:, :1], patches], dim=1)
-            self.run_blocks(stream, first, last + 1, observer)
+            self.vit.run_blocks(stream, first, last + 1, observer)
             patches = stream.x[:, 1:]
             for extractor in interaction.extractors():
                 c = extractor(c, extractor_points, patches, stream.state, grid, level_shapes)

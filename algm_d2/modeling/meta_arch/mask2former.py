@@ -6,7 +6,7 @@ and train with the set criterion. Module names are EVA's release (``backbone.*``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,8 +26,8 @@ class MaskClassificationNet(MergingNetwork, nn.Module):
 
     output_kind = "probabilities"
 
-    def __init__(self, *, backbone: ALGMViT, criterion: SetCriterion, num_classes: int, ignore_value: int,
-                 size_divisibility: int) -> None:
+    def __init__(self, *, backbone: Union[ALGMViT, ViTAdapter], criterion: SetCriterion, num_classes: int,
+                 ignore_value: int, size_divisibility: int) -> None:
         super().__init__()
         self.backbone = backbone
         # No weights; its class-weight buffer is non-persistent, so checkpoints keep the release's keys.
@@ -106,7 +106,7 @@ class MergedTokenMask2Former(MaskClassificationNet):
     @classmethod
     def from_config(cls, cfg) -> "MergedTokenMask2Former":  # noqa: ANN001 - a CfgNode
         backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).from_config(cfg)
-        if type(backbone) is not ALGMViT:
+        if not isinstance(backbone, ALGMViT):
             raise ValueError(f"MODEL.BACKBONE.NAME: MergedTokenMask2Former decodes ALGMViT tokens, got "
                              f"{cfg.MODEL.BACKBONE.NAME!r}")
         name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME

@@ -53,7 +53,7 @@ class Segmenter(MergingNetwork, nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "Segmenter":  # noqa: ANN001 - a CfgNode
         encoder = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).from_config(cfg)
-        if type(encoder) is not ALGMViT:  # a subclass such as ViTAdapter returns feature maps, not tokens
+        if not isinstance(encoder, ALGMViT):
             raise ValueError(f"MODEL.BACKBONE.NAME: Segmenter decodes the tokens of ALGMViT, got "
                              f"{cfg.MODEL.BACKBONE.NAME!r}")
         decoder = SEM_SEG_HEAD_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME).from_config(cfg, encoder_dim=encoder.embed_dim)
