@@ -23,7 +23,7 @@ class TappedViTNet(MergingNetwork, nn.Module):
 
     def __init__(self, *, backbone: ALGMViT, num_classes: int, ignore_value: int = 255) -> None:
         super().__init__()
-        if type(backbone) is not ALGMViT:  # a subclass such as ViTAdapter returns feature maps, not tokens
+        if not isinstance(backbone, ALGMViT):  # a ViTAdapter returns feature maps, not tokens
             raise ValueError(f"MODEL.BACKBONE.NAME: {type(self).__name__} reads the tokens of ALGMViT, got "
                              f"{type(backbone).__name__}")
         self.backbone = backbone
