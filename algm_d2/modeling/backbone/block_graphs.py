@@ -1,7 +1,7 @@
 """CUDA graphs of the backbone's segments: the work between two host syncs of a forward pass (inference).
 
 In eager mode a small ViT on a GPU is bound by the host: a Seg-S block on 32 images runs faster on the GPU than
-Python issues its ~15 kernels, and a merge adds ~100 small ones. Under thresholds the host also waits at each merge's
+Python issues its kernels, and a merge adds many small ones. Under thresholds the host also waits at each merge's
 sync until the GPU has drained its queue, so every kernel it issues after that is on the critical path. Between two
 syncs the work has, for one set of input shapes, a fixed sequence of kernels (:mod:`.segments` cuts the blocks
 there and buckets the shapes), so it is captured once and replayed: one launch per segment. Row counts of packed
@@ -65,9 +65,7 @@ class BlockGraphs:
     Args:
         max_graphs: graphs kept at once (least recently used are dropped).
         buckets_per_octave: row buckets of packed runs per doubling of the total (a power of two): more buckets pad
-            fewer rows but capture more graphs. Each new bucket costs an eager warm-up pass of the run and a capture,
-            so the default suits evaluations of a few thousand images: 63 random batches of 32 of the benchmark's
-            8 photos (Seg-S, τ 0.88) needed 15 graphs with 16 buckets (2.2% extra rows on average), 45 with 64 (0.5%).
+            fewer rows but capture more graphs (each new bucket costs an eager warm-up pass and a capture).
         capture: False runs the same static-buffer and bucketing logic without capturing (the CPU tests use it).
         capture_after: sightings of a key before it is captured (1: at once).
     """

@@ -2,8 +2,7 @@
 
 :func:`upsample_bilinear` is ``F.interpolate(logits, size, mode="bilinear", align_corners=False)`` with identical
 values (as a contiguous NCHW tensor); on CUDA one Triton pass over the output (PyTorch's NHWC kernel, which the
-Segmenter head's channels-last logits take, reaches ~15% of the memory bandwidth: 10.8 ms for 32×150×512² float32
-on an H100).
+Segmenter head's channels-last logits take, reaches a small fraction of the memory bandwidth).
 
 ``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax(1)`` writes and re-reads a
 ``[B, K, H, W]`` tensor (2.5 GB for 32 images, 150 classes, 512²). :func:`upsample_argmax` returns the same labels
@@ -28,11 +27,11 @@ and, on CUDA, never materialises that tensor:
    gathers, one launch, each corner read by the four blocks around it instead of by every pixel. Here the
    candidates are pruned more tightly: the difference of two classes' values interpolates the differences of their
    corners, so a class below the one with the largest lower bound at all four corners (by the float32 margins)
-   never wins (the decode-tail tool's smooth logits: 2.4 candidates per block instead of 3.5); as rounding is
+   never wins (fewer candidates per block, see ``tools/benchmark_decode_tail.py``); as rounding is
    monotone, only classes before that reference, which win ties, need the margin of a bfloat16/float16 rounding
    step. A block left with one candidate writes it without interpolating.
 
-PyTorch's arithmetic, read from the sm_90 SASS of torch 2.14.1+cu130's ``UpSampleBilinear2d.cu`` (float32):
+PyTorch's arithmetic, as its ``UpSampleBilinear2d.cu`` computes it (float32):
 ``src = max(fma(dst + 0.5, in / out, -0.5), 0)``, ``i0 = int(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``,
 ``l0 = 1 - l1``, rows ``fma(l0w, v_x0, l1w * v_x1)``, value ``fma(l0h, top, l1h * bottom)``; the float32 NHWC kernel
 (channels-last logits with ≥ 16 classes, e.g. the Segmenter head's) computes the top row as
@@ -75,15 +74,12 @@ _TIE = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10
 _LARGE = {torch.float32: 2.0 ** 100, torch.bfloat16: 2.0 ** 100, torch.float16: 2.0 ** 14}
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CELLS, _CLASSES = 32, 32  # tile of the candidate kernel
-# upsample_bilinear's tile (rows, columns, warps); on an H100 at 32×150×32² → 512² all of (2..8) × (64..512) run
-# within 5% of each other (1.4× the memory floor in float32)
+# upsample_bilinear's tile (rows, columns, warps): the speed is flat over a wide range of tiles
 _UPSAMPLE_TILE = (4, 256, 4)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE_H, _TILE_W = 8, 32  # output pixels per program of the label kernel
 # The one-kernel path for power-of-two upsampling factors: factors from 8 (blocks of 64 pixels and more per program);
-# classes per register tile (more are visited in tiles, reading the corners twice) and output pixels per warp. On an
-# H100 at 32×150×32² → 512² (16×16 blocks), float32: one warp reading all 150 classes at once 65 µs channels-last /
-# 125 µs NCHW; 64-class tiles 63 / 190 µs; two warps 76 / 150 µs
+# classes per register tile (more are visited in tiles, reading the corners twice; one tile of all of a dataset's
+# classes was the fastest) and output pixels per warp
 _MIN_CELL_FACTOR = 8
 _CELL_CLASSES = 256
 _CELL_PIXELS_PER_WARP = 256
@@ -420,7 +416,7 @@ def upsample_bilinear_triton(logits: Tensor, size: Tuple[int, int]) -> Tensor:
         return out.copy_(logits)  # PyTorch copies too
     _check_int32_offsets(logits, k * height * width, "upsample_bilinear")
     # On the GPU the store's cast rounds to nearest even, as PyTorch's; the interpreter's truncates: round first.
-    rounding = _ROUNDING[logits.dtype] if _INTERPRETED else 0
+    rounding = _ROUNDING[logits.dtype] if os.environ.get("TRITON_INTERPRET") == "1" else 0
     grid = (b * k, triton.cdiv(height, _UPSAMPLE_TILE[0]), triton.cdiv(width, _UPSAMPLE_TILE[1]))
     _upsample_bilinear[grid](logits, out, k, h, w, height, width, *logits.stride(),
                              *_pytorch_scales(h, w, height, width), TOP_W1_FUSED=_nhwc_top_row(logits),

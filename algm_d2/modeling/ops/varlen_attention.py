@@ -2,11 +2,10 @@
 
 On CUDA the packed tokens go straight to a variable-length kernel, with no padding and no mask, so per-image token
 counts cost nothing extra. In float16/bfloat16 (head dims 32/64/128, inference) it is our Triton kernel (flash
-attention's forward with one program per query block, image and head; on an H100 at Seg-S/B/L shapes 20–29% faster
-than flash attention 2's varlen kernel, ``torch.nn.attention.varlen``, which remains for other head dims and for
-autograd); in float32 the memory-efficient (CUTLASS) kernel's ``cu_seqlens`` mode (1.7–1.9× faster than padding + a
-key mask, within 10% of a dense batch of the same total). cuDNN's ``cum_seq`` mode is not used: in torch 2.11 it
-rebuilt its plan on every call (~43 ms). Elsewhere (CPU) the reference pads back to ``[B, T]``, masks the padding
+attention's forward with one program per query block, image and head; faster than flash attention's varlen kernel
+at the Segmenter shapes, ``torch.nn.attention.varlen``, which remains for other head dims and for autograd); in
+float32 the memory-efficient (CUTLASS) kernel's ``cu_seqlens`` mode. cuDNN's ``cum_seq`` mode is not used: it
+rebuilds its plan when the lengths change. Elsewhere (CPU) the reference pads back to ``[B, T]``, masks the padding
 keys and runs SDPA — the same numbers the padded path gives.
 """
 from __future__ import annotations
@@ -27,8 +26,8 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-# Head dims and tile (query rows, key rows, warps, pipeline stages) of the Triton kernel; on an H100, bf16, 32 images
-# of ±30% around 448–835 tokens, 6–16 heads of 64: (64, 64, 4, 3) was best or within 2% of the best of 8 tiles
+# Head dims and tile (query rows, key rows, warps, pipeline stages) of the Triton kernel (the best of the tiles tried
+# at the Segmenter shapes)
 _TRITON_DIMS = (32, 64, 128)
 _TRITON_TILE = (64, 64, 4, 3)
 
