@@ -20,8 +20,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:  # torch and the model load in main, after the arguments, so that --help answers at once
+    import torch
 
 logger = logging.getLogger("benchmark")
 # the library's names (algm_d2.evaluation.benchmark, algm_d2.modeling), written here so that --help needs no torch
