@@ -237,7 +237,8 @@ def test_help_answers_without_loading_deepspeed(program):
 
 
 # programs whose --help must not import torch at all
-LAZY_PROGRAMS = {"train_net.py", "tools/calibrate_thresholds.py", "tools/demo_quality_study.py",
+LAZY_PROGRAMS = {"train_net.py", "tools/calibrate_thresholds.py", "tools/demo_quality_study.py", "tools/benchmark.py",
+                 "tools/benchmark_eva.py", "tools/benchmark_msda.py", "tools/benchmark_decode_tail.py",
                  "datasets/prepare_ade20k.py", "datasets/prepare_coco_stuff.py", "datasets/prepare_cityscapes.py",
                  "datasets/prepare_pcontext.py"}
 

@@ -74,3 +74,44 @@ def test_every_timed_call_includes_its_synchronize(monkeypatch):
     assert events == ["call", "sync", "call", "sync", "call", "sync", "call", "sync"]
     assert all(ms >= 20.0 for ms in result["ms_per_batch"])
     assert "overlapped_images_per_second" not in result  # only on CUDA, when asked
+
+
+def test_time_calls_times_a_plain_callable_batch_by_batch():
+    """The timing core takes any callable: here one that sleeps as long as its batch says (not a network)."""
+    from algm_d2.evaluation import time_calls
+
+    timed = time_calls(lambda ms: time.sleep(ms / 1000), [5.0, 30.0], warmup=1, iters=3, device="cpu", batch_size=8)
+    # whole passes over the two batches: 3 timed calls round up to 4, alternating 5 ms and 30 ms (warm-up: 2)
+    assert len(timed.ms_per_call) == 4 and timed.warmup == 2
+    assert all(ms >= 5.0 for ms in timed.ms_per_call[0::2]) and all(ms >= 30.0 for ms in timed.ms_per_call[1::2])
+    assert timed.median_ms == pytest.approx(sorted(timed.ms_per_call)[1] / 2 + sorted(timed.ms_per_call)[2] / 2)
+    assert timed.images_per_second == pytest.approx(8 / (timed.median_ms / 1000))
+    assert timed.round_medians == [timed.median_ms] and timed.host_ms is None
+    assert timed.overlapped_images_per_second is None and timed.peak_memory_mb is None  # CUDA only
+
+
+def test_time_interleaved_visits_each_callable_in_turn(monkeypatch):
+    """Rounds visit the entries in turn (``select`` first); a sequence gets whole passes each round, an iterator is
+    consumed across rounds; the first round's host-timed calls start after a synchronize and are synchronized
+    after the last; every timed call ends in a synchronize."""
+    from algm_d2.evaluation import TimedCall, throughput, time_interleaved
+
+    log = []
+    monkeypatch.setattr(throughput, "_synchronize", lambda device: log.append("sync"))
+
+    def entry(name, batches):
+        return TimedCall(fn=lambda batch: log.append(f"{name}:{batch}"), batches=batches, batch_size=1,
+                         select=lambda: log.append(f"select {name}"), label=name)
+
+    times = time_interleaved({"cycled": entry("c", ["a", "b"]), "stream": entry("s", iter(range(10)))},
+                             warmup=1, iters=2, rounds=2, device="cpu", overlapped=True, host_calls=1)
+    first_round = ["select c", "c:a", "c:b", "sync", "c:a", "sync", "c:b", "sync", "sync", "c:a", "sync",
+                   "select s", "s:0", "sync", "s:1", "sync", "sync", "s:2", "sync"]
+    second_round = ["select c", "c:a", "c:b", "sync", "c:a", "sync", "c:b", "sync",
+                    "select s", "s:3", "sync", "s:4", "sync"]
+    assert log == first_round + second_round
+    assert [len(r) for r in times["cycled"].rounds] == [2, 2] and [len(r) for r in times["stream"].rounds] == [1, 1]
+    assert times["cycled"].warmup == 4 and times["stream"].warmup == 2
+    assert times["cycled"].host_ms is not None and times["cycled"].overlapped_ms == []  # overlapped: CUDA only
+    with pytest.raises(ValueError, match="rounds=0"):
+        time_interleaved({}, warmup=0, iters=1, rounds=0, device="cpu")

@@ -62,3 +62,26 @@ def test_decode_tail_tool_on_cpu(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["identical"] == 1.0 and row["upsample"]["identical"]
     assert row["upsample"]["upsample_bilinear"]["ms"] > 0 and row["upsample"]["floor_ms"] > 0
+
+
+def test_msda_tool_on_cpu(tmp_path):
+    out = tmp_path / "msda.json"
+    load_tool("benchmark_msda").main(["--device", "cpu", "--tiny", "--warmup", "1", "--iters", "2", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["shapes"].values()
+    assert row["reference_forward_ms"] > 0 and row["reference_forward_backward_ms"] > 0
+    assert "triton_forward_ms" not in row  # the Triton kernels run on CUDA only
+
+
+def test_benchmark_tools_offer_the_librarys_choices():
+    """The tools name their choices without importing torch (for --help); they are the library's."""
+    import torch
+
+    from algm_d2.evaluation.benchmark import OUTPUTS, PRECISIONS, PROTOCOLS
+    from algm_d2.modeling import SEGMENTER_VARIANTS
+
+    benchmark, eva, tail = load_tool("benchmark"), load_tool("benchmark_eva"), load_tool("benchmark_decode_tail")
+    assert set(benchmark.VARIANTS) == set(SEGMENTER_VARIANTS)
+    assert set(benchmark.PRECISION_NAMES) == set(eva.PRECISION_NAMES) == set(tail.DTYPES) == set(PRECISIONS)
+    assert benchmark.PROTOCOLS == PROTOCOLS and benchmark.OUTPUTS == OUTPUTS
+    assert {name: getattr(torch, dtype) for name, dtype in tail.DTYPES.items()} == {
+        name: dtype or torch.float32 for name, dtype in PRECISIONS.items()}

@@ -20,30 +20,25 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model, load_model_weights  # noqa: E402
-from algm_d2.config import get_cfg  # noqa: E402
-from algm_d2.data import get_dataset_dicts, read_image  # noqa: E402
-from algm_d2.evaluation import save_json  # noqa: E402
-from algm_d2.evaluation.benchmark import (  # noqa: E402
-    OUTPUTS, PRECISIONS, PROTOCOLS, benchmark_net, benchmark_table, encoder_utilisation, fresh_mixed_batches,
-    random_crops, standard_settings,
-)
-from algm_d2.modeling import SEGMENTER_VARIANTS, build_model  # noqa: E402
+if TYPE_CHECKING:  # torch and the model load in main, after the arguments, so that --help answers at once
+    import torch
 
 logger = logging.getLogger("benchmark")
+# the library's names (algm_d2.evaluation.benchmark, algm_d2.modeling), written here so that --help needs no torch
+VARIANTS = ("base", "large", "small", "tiny")  # SEGMENTER_VARIANTS
+PRECISION_NAMES = ("bf16", "fp16", "fp32")  # PRECISIONS
+PROTOCOLS = ("repeat", "mixed")
+OUTPUTS = ("logits", "labels")
 
 
 def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--variant", choices=sorted(SEGMENTER_VARIANTS), default="small",
+    model.add_argument("--variant", choices=VARIANTS, default="small",
                        help="random-weight Segmenter (ADE20K, 150 classes, mask transformer)")
     model.add_argument("--checkpoint", help="a release checkpoint.pth (variant.yml beside it)")
     model.add_argument("--config-file", help="a config: the network it builds (random weights unless MODEL.WEIGHTS "
@@ -53,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="folder of images, or 'demo' for the procedural demo dataset (default)")
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="bf16")
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     parser.add_argument("--settings", nargs="+", default=None,
                         help="subset of: baseline algm algm_per_image paper_level level0 level0_scored (default all)")
@@ -81,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
                         help="mixed protocol on batches of distinct random crops (scale, offset, flip) of the "
                              "images, each used once, as an evaluation sees them (default); --no-fresh-mixed "
                              "cycles through the images themselves")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--output-dir", default="output/benchmark")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="with --config-file: config overrides KEY VALUE ...")
     return parser.parse_args(argv)
@@ -89,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
 
 def net_from_config(path: str, opts: list) -> tuple:
     """(network, crop size, normalization on [0, 1] RGB, GBM layer of the config or None) of a config file."""
+    import torch
+
+    from algm_d2.checkpoint import load_model_weights
+    from algm_d2.config import get_cfg
+    from algm_d2.modeling import build_model
+
     cfg = get_cfg()
     cfg.merge_from_file(path)
     cfg.merge_from_list(opts)
@@ -105,6 +106,12 @@ def net_from_config(path: str, opts: list) -> tuple:
 
 def load_images(source: str, count: int, size: int) -> torch.Tensor:
     """``count`` RGB images as float [0, 1] tensors resized (short side) and center-cropped to ``size``²."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from algm_d2.data import get_dataset_dicts, read_image
+
     if source == "demo":
         paths = [r["file_name"] for r in get_dataset_dicts("demo_shapes_val")[:count]]
     else:
@@ -127,6 +134,16 @@ def load_images(source: str, count: int, size: int) -> torch.Tensor:
 def main(argv=None) -> None:  # noqa: ANN001
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    import torch
+
+    from algm_d2.checkpoint import NORMALIZATION, build_from_variant, load_model
+    from algm_d2.evaluation import save_json
+    from algm_d2.evaluation.benchmark import (
+        benchmark_net, benchmark_table, encoder_utilisation, fresh_mixed_batches, random_crops, standard_settings,
+    )
+    from algm_d2.modeling import SEGMENTER_VARIANTS
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config_global_layer = None
     if args.config_file:
         net, crop, normalization, config_global_layer = net_from_config(args.config_file, args.opts)
@@ -154,7 +171,6 @@ def main(argv=None) -> None:  # noqa: ANN001
         if missing:
             raise SystemExit(f"--settings: unknown {sorted(missing)}; choose from {sorted(settings)}")
         settings = {name: settings[name] for name in args.settings}
-    device = torch.device(args.device)
     images = load_images(args.images, args.num_images, size)
     mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)

@@ -29,16 +29,14 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.modeling.ops.upsample_argmax import upsample_argmax, upsample_bilinear  # noqa: E402
+if TYPE_CHECKING:  # torch loads after the arguments are parsed, so that --help answers at once
+    import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # names of torch dtypes
 KINDS = ("random", "smooth", "ties")
 LAYOUTS = ("nchw", "nhwc")
 # batch, classes, logit grid, output size
@@ -53,6 +51,9 @@ def _pair(text: str) -> Tuple[int, int]:
 def make_logits(kind: str, shape: Tuple[int, int, int, int], dtype: torch.dtype, layout: str,
                 device: torch.device) -> torch.Tensor:
     """Seeded on the CPU (the same logits on every device), then moved."""
+    import torch
+    import torch.nn.functional as F
+
     generator = torch.Generator().manual_seed(0)
     b, k, h, w = shape
     if kind == "random":
@@ -72,6 +73,8 @@ def make_logits(kind: str, shape: Tuple[int, int, int, int], dtype: torch.dtype,
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    import torch
+
     for _ in range(warmup):
         fn()
     times: List[float] = []
@@ -94,6 +97,8 @@ def gpu_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int,
     """GPU time per call without the host's launch time: ``calls`` calls are queued behind a ~5 ms spin kernel, so
     the events around them time only the kernels (as in an evaluation, where the tail is queued after the forward).
     Median over ``iters // calls`` repetitions; None on CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     for _ in range(warmup):
@@ -114,6 +119,8 @@ def gpu_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int,
 
 def peak_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
     """Most memory allocated above what was live before one call (its output included); None on CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -126,6 +133,8 @@ def peak_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
 
 def copy_bandwidth(device: torch.device, megabytes: int, warmup: int, iters: int) -> float:
     """Bytes read + written per second by a device-to-device copy."""
+    import torch
+
     src = torch.empty(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, warmup, iters)
@@ -135,6 +144,10 @@ def copy_bandwidth(device: torch.device, megabytes: int, warmup: int, iters: int
 def upsample_row(logits: torch.Tensor, size: Tuple[int, int], bandwidth: float, device: torch.device,
                  args: argparse.Namespace) -> Dict[str, Any]:
     """Full-resolution logits: time of each side, × its floor, and whether the values are bit-identical."""
+    import torch.nn.functional as F
+
+    from algm_d2.modeling.ops.upsample_argmax import upsample_bilinear
+
     plain = partial(F.interpolate, logits, size=size, mode="bilinear", align_corners=False)
     ours = partial(upsample_bilinear, logits, size, impl="triton" if device.type == "cuda" else "reference")
     expected, got = plain(), ours()
@@ -148,7 +161,13 @@ def upsample_row(logits: torch.Tensor, size: Tuple[int, int], bandwidth: float, 
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    device = torch.device(args.device)
+    """Every (dtype, layout, logits) row; ``args`` as :func:`main` parses them."""
+    import torch
+    import torch.nn.functional as F
+
+    from algm_d2.modeling.ops.upsample_argmax import upsample_argmax
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch, classes, grid, size = DEFAULTS[device.type]
     batch, classes = args.batch or batch, args.classes or classes
     grid = _pair(args.grid) if args.grid else grid
@@ -165,7 +184,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for dtype_name in args.dtypes.split(","):
         for layout in args.layouts.split(","):
             for kind in args.kinds.split(","):
-                logits = make_logits(kind, shape, DTYPES[dtype_name], layout, device)
+                logits = make_logits(kind, shape, getattr(torch, DTYPES[dtype_name]), layout, device)
                 floor_ms = (logits.numel() * logits.element_size() + batch * size[0] * size[1] * 8) / bandwidth * 1e3
                 row: Dict[str, Any] = {"dtype": dtype_name, "layout": layout, "logits": kind, "floor_ms": floor_ms}
                 labels = {}
@@ -233,7 +252,7 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--batch", type=int, help="default 32 (cuda) / 2 (cpu)")
     parser.add_argument("--classes", type=int, help="default 150 (cuda) / 6 (cpu)")
     parser.add_argument("--grid", help="logit grid HxW, default 32x32 (cuda) / 8x8 (cpu)")

@@ -17,6 +17,7 @@ attention counted, by part), kept tokens and peak memory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -24,28 +25,25 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.config import get_cfg  # noqa: E402
-from algm_d2.evaluation import count_gflops  # noqa: E402
-from algm_d2.evaluation.benchmark import random_crops  # noqa: E402
-from algm_d2.merge import OFF, ALGMConfig, FixedLevel  # noqa: E402
-from algm_d2.modeling import build_model  # noqa: E402
-from algm_d2.modeling.ops.msda import MSDeformAttn  # noqa: E402
+if TYPE_CHECKING:  # torch and the model load in main, after the arguments, so that --help answers at once
+    import torch
+
+    from algm_d2.merge import ALGMConfig
 
 logger = logging.getLogger("benchmark_eva")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = ("bf16", "fp16", "fp32")  # the keys of algm_d2.evaluation.benchmark.PRECISIONS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 def settings(cfg, depth: int, global_layer: int = 0) -> Dict[str, ALGMConfig]:  # noqa: ANN001 - a CfgNode
     """Baseline; the config's thresholds (MODEL.ALGM.*, whether ENABLED or not) under its batch policy and the
     other one; both stages scoring with τ above any cosine (nothing merges); fixed levels (fractions merged)."""
+    from algm_d2.merge import OFF, ALGMConfig, FixedLevel
+
     node = cfg.MODEL.ALGM
     layers = {"local_layer": node.LOCAL_LAYER, "global_layer": global_layer or min(node.GLOBAL_LAYER, depth),
               "window": tuple(node.WINDOW)}
@@ -63,7 +61,10 @@ def settings(cfg, depth: int, global_layer: int = 0) -> Dict[str, ALGMConfig]:  
 
 def load_crops(folder: str, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Every image of ``folder`` resized (short side) and centre-cropped to ``size``², normalized: ``[N, 3, s, s]``."""
-    from algm_d2.data import read_image  # noqa: PLC0415 - only with --images
+    import numpy as np
+    import torch
+
+    from algm_d2.data import read_image
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -86,28 +87,48 @@ def mixed_batches(crops: torch.Tensor, batch: int, count: int) -> List[torch.Ten
 
 
 class SectionTimer:
-    """Records events at section boundaries on the current stream (CUDA) or wall-clock times (CPU)."""
+    """Per call of :meth:`call`, the section boundaries it marks: events on the current stream (CUDA) or wall-clock
+    times (CPU)."""
 
     def __init__(self, device: torch.device) -> None:
+        import torch
+
         self.cuda = device.type == "cuda"
+        self._event = torch.cuda.Event
         self.marks: List[tuple] = []
+        self.calls: List[List[tuple]] = []
 
     def mark(self, label: str) -> None:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            event = self._event(enable_timing=True)
             event.record()
             self.marks.append((label, event))
         else:
             self.marks.append((label, time.perf_counter()))
 
-    def durations(self) -> Dict[str, float]:
-        """ms spent between each mark and the next, summed by the label of the section's start."""
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` between an "adapter" mark (what runs before the first blocks) and an "end" mark."""
+        self.marks = []
+        self.mark("adapter")
+        out = fn(*args)
+        self.mark("end")
+        self.calls.append(self.marks)
+        return out
+
+    def durations(self, last: int) -> List[Dict[str, float]]:
+        """Of each of the ``last`` calls: ms between each mark and the next, summed by the label of the section's
+        start."""
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
-        out: Dict[str, float] = defaultdict(float)
-        for (label, start), (_, end) in zip(self.marks, self.marks[1:]):
-            out[label] += start.elapsed_time(end) if self.cuda else (end - start) * 1000.0
-        return dict(out)
+        runs = []
+        for marks in self.calls[-last:]:
+            out: Dict[str, float] = defaultdict(float)
+            for (label, start), (_, end) in zip(marks, marks[1:]):
+                out[label] += start.elapsed_time(end) if self.cuda else (end - start) * 1000.0
+            runs.append(dict(out))
+        return runs
 
 
 @contextmanager
@@ -139,40 +160,32 @@ def sections(net: torch.nn.Module, timer: SectionTimer) -> Iterator[None]:
 
 def time_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], warmup: int, iters: int,
                  autocast: Callable[[], Any]) -> Dict[str, Any]:
-    """Synchronized wall clock per forward over ``batches`` (cycled), and the CUDA-event split by section."""
+    """Synchronized wall clock per forward (the benchmarks' timing core), each call on the next of ``batches``
+    (cycled when they are fewer than the calls), and the CUDA-event split by section."""
+    import numpy as np
+    import torch
+
+    from algm_d2.evaluation import time_calls
+
     device = batches[0].device
-    cuda = device.type == "cuda"
-    with torch.no_grad(), autocast():
-        for i in range(warmup):
-            net(batches[i % len(batches)])
-        batches = batches[warmup:] if len(batches) > warmup else batches  # timed calls on batches not seen yet
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        runs: List[Dict[str, float]] = []
-        wall: List[float] = []
-        for i in range(iters):
-            timer = SectionTimer(device)
-            with sections(net, timer):
-                start = time.perf_counter()
-                timer.mark("adapter")
-                net(batches[i % len(batches)])
-                timer.mark("end")
-                if cuda:
-                    torch.cuda.synchronize()
-                wall.append((time.perf_counter() - start) * 1000.0)
-            runs.append(timer.durations())
     per_crop = batches[0].shape[0]
+    timer = SectionTimer(device)
+    with torch.no_grad(), autocast(), sections(net, timer):
+        timed = time_calls(lambda batch: timer.call(net, batch), itertools.cycle(batches), warmup=warmup,
+                           iters=iters, device=device, batch_size=per_crop)
+    runs = timer.durations(iters)
     labels = sorted({k for r in runs for k in r})
     split = {k: float(np.median([r.get(k, 0.0) for r in runs])) / per_crop for k in labels}
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return {"ms_per_crop": float(np.median(wall)) / per_crop, "ms_per_crop_by_part_gpu_events": split,
-            "ms_per_forward": [round(t, 3) for t in wall], "peak_memory_mb": peak}
+    return {"ms_per_crop": timed.median_ms / per_crop, "ms_per_crop_by_part_gpu_events": split,
+            "ms_per_forward": [round(t, 3) for t in timed.ms_per_call], "peak_memory_mb": timed.peak_memory_mb}
 
 
 def gflops_by_part(net: torch.nn.Module, images: torch.Tensor) -> Dict[str, Any]:
     """fvcore multiply-adds per crop of ``images``, by part; deformable sampling (grid_sample) is not counted (its
     linears are)."""
+    from algm_d2.evaluation import count_gflops
+    from algm_d2.modeling.ops.msda import MSDeformAttn
+
     msda = [m for m in net.modules() if isinstance(m, MSDeformAttn)]
     impls = [m.impl for m in msda]
     for m in msda:  # the jit trace cannot enter the Triton kernel's autograd function
@@ -196,8 +209,8 @@ def gflops_by_part(net: torch.nn.Module, images: torch.Tensor) -> Dict[str, Any]
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/ade20k/eva.yaml")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--precision", choices=sorted(PRECISION_NAMES), default="bf16")
     parser.add_argument("--size", type=int, default=896, help="crop side (EVA: 896)")
     parser.add_argument("--batch", type=int, default=2, help="crops per forward (EVA's TEST.BATCH_SIZE: 2)")
     parser.add_argument("--images", default=None, help="folder of photos for the crops (default: noise)")
@@ -211,6 +224,14 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    import numpy as np
+    import torch
+
+    from algm_d2.config import get_cfg
+    from algm_d2.evaluation.benchmark import PRECISIONS, random_crops
+    from algm_d2.modeling import build_model
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(["MODEL.DEVICE", args.device] + list(args.opts))

@@ -11,14 +11,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algm_d2.evaluation import measure_throughput  # noqa: E402
-from algm_d2.modeling.ops.msda import ms_deform_attn_reference  # noqa: E402
+if TYPE_CHECKING:  # torch loads in main, after the arguments, so that --help answers at once
+    import torch
 
 # (name, value level shapes, heads, head dim, queries, points) per crop of 896² (ViT grid 56²).
 EVA_SHAPES = [
@@ -30,6 +28,8 @@ TINY_SHAPES = [("tiny", [(8, 8), (4, 4)], 2, 6, 40, 2)]
 
 
 def inputs(shapes, heads: int, dim: int, queries: int, points: int, batch: int, device: torch.device):  # noqa: ANN001
+    import torch
+
     s = sum(h * w for h, w in shapes)
     value = torch.randn(batch, s, heads, dim, device=device, requires_grad=True)
     locations = (torch.rand(batch, queries, heads, len(shapes), points, 2, device=device) * 1.2 - 0.1)
@@ -38,23 +38,29 @@ def inputs(shapes, heads: int, dim: int, queries: int, points: int, batch: int, 
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, grad: bool) -> float:
+    from algm_d2.evaluation import measure_throughput
+
     return measure_throughput(lambda _: fn(), None, warmup=warmup, iters=iters, device=device, batch_size=1,
                               grad=grad)["ms_per_batch_median"]
 
 
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     parser.add_argument("--out", default="benchmark_msda.json")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    import torch
+
+    from algm_d2.modeling.ops.msda import ms_deform_attn_reference
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_triton = device.type == "cuda"
     if use_triton:
-        from algm_d2.modeling.ops.msda_triton import ms_deform_attn_triton  # noqa: PLC0415
+        from algm_d2.modeling.ops.msda_triton import ms_deform_attn_triton
     rows: Dict[str, Any] = {}
     for name, shapes, heads, dim, queries, points in (TINY_SHAPES if args.tiny else EVA_SHAPES):
         torch.manual_seed(0)

@@ -4,18 +4,22 @@ from .flop_count import FLOP_COUNT_BACKENDS, attention_macs, count_gflops, vit_e
 from .merge_stats import MergeStatsAccumulator
 from .reporting import format_results_table, save_json, to_jsonable
 from .sem_seg_evaluation import SemSegEvaluator
-from .throughput import InferenceTimer, measure_throughput
+from .throughput import CallTimes, InferenceTimer, TimedCall, measure_throughput, time_calls, time_interleaved
 
 __all__ = [
+    "CallTimes",
     "FLOP_COUNT_BACKENDS",
     "InferenceTimer",
     "MergeStatsAccumulator",
     "SemSegEvaluator",
+    "TimedCall",
     "attention_macs",
     "count_gflops",
     "format_results_table",
     "measure_throughput",
     "save_json",
+    "time_calls",
+    "time_interleaved",
     "to_jsonable",
     "vit_encoder_macs",
 ]

@@ -7,20 +7,19 @@ latency, peak memory, GFLOPs per image (fvcore multiply-adds, attention counted)
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..merge import OFF, ALGMConfig, FixedLevel
 from .flop_count import count_gflops
-from .throughput import measure_throughput
+from .throughput import CallTimes, TimedCall, images_per_second, measure_throughput, time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def _batches(images: Tensor, batch_size: int, protocol: str, mixed_images: Optio
 
 
 _STATS_BATCHES = 4  # batches of a fresh mixed pool the token statistics come from
-_HOST_CALLS = 5  # calls of _host_ms
+_HOST_CALLS = 5  # host-timed calls of each (setting, protocol), first round
 
 
 def random_crops(images: Tensor, per_image: int, size: int, seed: int = 0) -> Tensor:
@@ -133,24 +132,87 @@ def _graphed(forward: Callable[[Tensor], Any], example: Tensor) -> Callable[[Ten
     return replay
 
 
-def _whole_passes(calls: int, inputs: int) -> int:
-    """``calls`` rounded up to a multiple of ``inputs``."""
-    return -(-calls // inputs) * inputs
+def _check_arguments(*, precision: str, protocols: Sequence[str], output: str, iters: int, rounds: int,
+                     cuda_graphs: bool, device: torch.device) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"need rounds >= 1 and iters >= 1, got rounds={rounds}, iters={iters}")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
 
 
-def _host_ms(fn: Callable[[], Any], device: torch.device, iters: int = _HOST_CALLS) -> float:
-    """Median time the host takes to issue one call after a synchronize (for calls without host syncs: the launch
-    cost; a call that takes longer to issue than the GPU takes to run it is bound by the CPU)."""
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return float(np.median(times))
+def _prepare_setting(net: nn.Module, name: str, algm: ALGMConfig, images: Tensor, batches: Mapping[str, List[Tensor]],
+                     *, output: str, compile_mode: Optional[str], cuda_graphs: bool, latency: bool, warmup: int,
+                     iters: int, fresh: bool) -> Tuple[Dict[str, Any], Callable[[Tensor], Any]]:
+    """A setting's report entry (kept tokens per protocol, batch-1 latency) and the forward its rounds time
+    (compiled or captured as a CUDA graph where its shapes are static). Run under the benchmark's autocast."""
+    net.set_algm(algm)
+    forward = net.predict_labels if output == "labels" else net.forward
+    static = static_shapes(algm)
+    compiled = compile_mode is not None and static
+    if compiled:
+        forward = torch.compile(forward, mode=compile_mode, dynamic=False)
+    graphed = cuda_graphs and static
+    entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {},
+                             "compiled": compile_mode if compiled else None, "cuda_graph": graphed}
+    for protocol, protocol_batches in batches.items():
+        stats = []
+        # fresh mixed batches: the stats come from the pool's last batches, which no timed call uses
+        for batch in protocol_batches[-_STATS_BATCHES:] if fresh and protocol == "mixed" else protocol_batches:
+            net(batch)
+            stats.append(net.merge_stats)
+        entry["protocols"][protocol] = {"tokens": _token_summary(stats)}
+    if latency:
+        singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
+        # Warm up on every image at least once: token counts (shapes) differ per image, and a shape's
+        # first run is not the steady state.
+        entry["latency_ms"] = measure_throughput(
+            lambda _: forward(next(singles)), None, warmup=max(warmup // 5, 2 * images.shape[0]),
+            iters=max(iters // 2, 1), device=images.device, batch_size=1,
+            desc=f"{name}: latency")["ms_per_batch_median"]
+    return entry, _graphed(forward, next(iter(batches.values()))[0]) if graphed else forward
+
+
+def _protocol_timing(times: CallTimes, inputs: Optional[int]) -> Dict[str, Any]:
+    """The report's timing of one (setting, protocol). Over ``inputs`` batches timed equally often, images/s is the
+    batch size over the mean of each input's median time; ``inputs`` None (every call a new batch): over the median
+    of all calls."""
+    all_ms = np.asarray(times.ms_per_call, dtype=np.float64)
+    median_ms = float(np.median(all_ms))
+    if inputs is None:
+        per_input, input_mean_ms = [], median_ms
+    else:  # every round made whole passes: call j ran input j % inputs
+        per_input = [float(np.median(all_ms[i::inputs])) for i in range(inputs)]
+        input_mean_ms = float(np.mean(per_input))
+    return {"host_ms_per_batch": times.host_ms,
+            "images_per_second": images_per_second(times.batch_size, input_mean_ms),
+            "ms_per_batch_by_input": per_input, "ms_per_batch_input_mean": input_mean_ms,
+            "ms_per_batch_median": median_ms, "ms_per_batch_mean": float(all_ms.mean()),
+            "ms_per_batch_p90": float(np.percentile(all_ms, 90)), "ms_per_image": median_ms / times.batch_size,
+            "ms_per_batch_rounds": times.round_medians, "iters": int(all_ms.size),
+            "peak_memory_mb": times.peak_memory_mb,
+            "overlapped_images_per_second": times.overlapped_images_per_second}
+
+
+def _speed_ratios(results: Mapping[str, Any], protocols: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """Each setting's im/s over the baseline's per protocol, and its repeat over mixed mean input times (both
+    protocols averaged over the same images)."""
+    ratios = {}
+    if "baseline" in results:
+        base = results["baseline"]["protocols"]
+        ratios = {name: {p: r["protocols"][p]["images_per_second"] / base[p]["images_per_second"] for p in protocols}
+                  for name, r in results.items()}
+    adaptivity = {}
+    if set(PROTOCOLS) <= set(protocols):
+        adaptivity = {name: r["protocols"]["repeat"]["ms_per_batch_input_mean"]
+                      / r["protocols"]["mixed"]["ms_per_batch_input_mean"] for name, r in results.items()}
+    return ratios, adaptivity
 
 
 def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGMConfig], batch_size: int = 32,
@@ -159,14 +221,15 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
                   progress: bool = False, output: str = "logits", compile_mode: Optional[str] = None,
                   cuda_graphs: bool = False, block_graphs: Optional[bool] = None, graph_buckets: int = 16,
                   mixed_images: Optional[Tensor] = None) -> Dict[str, Any]:
-    """Measure ``net`` (a Segmenter-like network with ``set_algm`` and ``merge_stats``) on normalized ``images``.
+    """Measure ``net`` (a network with an ALGM ``backbone``, ``set_algm`` and ``merge_stats``: Segmenter, SETR,
+    SegViT) on normalized ``images``; the timing is :func:`~algm_d2.evaluation.throughput.time_interleaved`'s.
 
     ``output`` "logits" times ``net(images)`` (full-resolution class logits), "labels" times ``net.predict_labels``
     (the evaluation's argmax labels, fused decode tail). ``compile_mode`` (e.g. "default", "max-autotune",
     "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
     ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
     data-dependent token counts run eagerly either way (their merges sync with the host). ``block_graphs``: whether
-    the encoder replays its runs of blocks between merges as CUDA graphs (None: the model's own setting, on by
+    the backbone replays its runs of blocks between merges as CUDA graphs (None: the model's own setting, on by
     default; inside a whole-forward graph or compile they run inline; ``graph_buckets``: row buckets per doubling of
     a packed total, the model's default 16). ``mixed_images``: a pool of distinct images for the mixed protocol,
     each batch of which is used once per setting (as in an evaluation, no batch comes back: token counts and
@@ -189,25 +252,13 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     "gflops_per_image", "compiled", "cuda_graph"}}, "ratios": {setting: {protocol: im/s ÷ baseline im/s}},
     "mixed_over_repeat": {setting: mixed im/s ÷ repeat im/s, both averaged over the same images}}.
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    unknown = set(protocols) - set(PROTOCOLS)
-    if unknown:
-        raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
-    if rounds < 1 or iters < 1:
-        raise ValueError(f"need rounds >= 1 and iters >= 1, got rounds={rounds}, iters={iters}")
-    rounds = min(rounds, iters)
     device = images.device
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs needs CUDA images, got device {device}")
+    _check_arguments(precision=precision, protocols=protocols, output=output, iters=iters, rounds=rounds,
+                     cuda_graphs=cuda_graphs, device=device)
+    rounds = min(rounds, iters)
     dtype = PRECISIONS[precision]
     net.eval()
-    results: Dict[str, Any] = {}
-    runners: Dict[str, Callable[[Tensor], Any]] = {}
     batches = {protocol: _batches(images, batch_size, protocol, mixed_images) for protocol in protocols}
-    round_iters = -(-iters // rounds)
     fresh = mixed_images is not None and "mixed" in protocols
     if fresh:
         needed = fresh_mixed_batches(warmup, iters, rounds)
@@ -215,90 +266,33 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
             raise ValueError(f"mixed_images: {len(batches['mixed'])} batches of {batch_size}, but warmup={warmup}, "
                              f"iters={iters}, rounds={rounds} use {needed} distinct ones "
                              f"({needed * batch_size} images)")
-    own_graphs = net.encoder.block_graphs  # the model's own setting, restored at the end
+    backbone = net.backbone
+    own_graphs = backbone.block_graphs  # the model's own setting, restored at the end
     if block_graphs is None:
         block_graphs = own_graphs is not None
-    net.encoder.use_cuda_graphs(block_graphs, buckets_per_octave=graph_buckets)
+    backbone.use_cuda_graphs(block_graphs, buckets_per_octave=graph_buckets)
+    results: Dict[str, Any] = {}
+    calls: Dict[Tuple[str, str], TimedCall] = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for name, algm in settings.items():
-            net.set_algm(algm)
-            forward = net.predict_labels if output == "labels" else net.forward
-            static = static_shapes(algm)
-            compiled = compile_mode is not None and static
-            if compiled:
-                forward = torch.compile(forward, mode=compile_mode, dynamic=False)
-            graphed = cuda_graphs and static
-            entry: Dict[str, Any] = {"algm": repr(algm), "protocols": {},
-                                     "compiled": compile_mode if compiled else None, "cuda_graph": graphed}
-            for protocol in protocols:
-                stats = []
-                # fresh mixed batches: the stats come from the pool's last batches, which no timed call uses
-                for batch in batches[protocol][-_STATS_BATCHES:] if fresh and protocol == "mixed" \
-                        else batches[protocol]:
-                    net(batch)
-                    stats.append(net.merge_stats)
-                entry["protocols"][protocol] = {"tokens": _token_summary(stats)}
-            if latency:
-                singles = itertools.cycle([images[i:i + 1] for i in range(images.shape[0])])
-                # Warm up on every image at least once: token counts (shapes) differ per image, and a shape's
-                # first run is not the steady state.
-                entry["latency_ms"] = measure_throughput(
-                    lambda _: forward(next(singles)), None, warmup=max(warmup // 5, 2 * images.shape[0]),
-                    iters=max(iters // 2, 1), device=device, batch_size=1,
-                    desc=f"{name}: latency")["ms_per_batch_median"]
-            runners[name] = _graphed(forward, batches[protocols[0]][0]) if graphed else forward
-            results[name] = entry
-        graphs = net.encoder.block_graphs
+            results[name], runner = _prepare_setting(
+                net, name, algm, images, batches, output=output, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
+                latency=latency, warmup=warmup, iters=iters, fresh=fresh)
+            for protocol in protocols:  # a fresh mixed batch is used once per setting: each walks the pool anew
+                calls[name, protocol] = TimedCall(
+                    fn=runner, batches=iter(batches[protocol]) if fresh and protocol == "mixed" else batches[protocol],
+                    batch_size=batch_size, select=functools.partial(net.set_algm, algm), label=f"{name} / {protocol}")
+        graphs = backbone.block_graphs
         captures = {"before_rounds": graphs.captures} if graphs is not None else None
-        timings: Dict[Tuple[str, str], List[Dict[str, Any]]] = {key: [] for key in
-                                                                 itertools.product(settings, protocols)}
-        # a fresh mixed batch is used once per setting: each setting walks the pool from its start
-        fresh_batches = {name: iter(batches["mixed"]) for name in settings} if fresh else {}
-        bar = tqdm(range(rounds), desc="rounds", disable=not progress)
-        for round_index in bar:
-            for (name, protocol), measured in timings.items():
-                bar.set_postfix_str(f"timing {name} / {protocol}")  # the setting this line's time is spent on
-                net.set_algm(settings[name])
-                inputs = len(batches[protocol])
-                round_warmup = warmup if round_index == 0 else max(1, warmup // rounds)
-                if fresh and protocol == "mixed":
-                    cycle = fresh_batches[name]
-                    round_warmup_calls, timed_calls = round_warmup, round_iters
-                else:
-                    # whole passes over the inputs, warm-up included: timed call j of every round runs input j % inputs
-                    cycle = itertools.cycle(batches[protocol])
-                    round_warmup_calls, timed_calls = (_whole_passes(round_warmup, inputs),
-                                                       _whole_passes(round_iters, inputs))
-                run = runners[name]
-                measured.append(measure_throughput(
-                    lambda _: run(next(cycle)), None, warmup=round_warmup_calls, iters=timed_calls, device=device,
-                    batch_size=batch_size, progress=False, keep_times=True, overlapped=round_index == 0))
-                if round_index == 0:
-                    results[name]["protocols"][protocol]["host_ms_per_batch"] = _host_ms(lambda: run(next(cycle)),
-                                                                                         device)
-        for (name, protocol), measured in timings.items():
-            times = np.concatenate([m["ms_per_batch"] for m in measured])
-            median_ms = float(np.median(times))
-            if fresh and protocol == "mixed":  # every call a new batch: the median over all calls
-                per_input, input_mean_ms = [], median_ms
-            else:
-                inputs = len(batches[protocol])
-                per_input = [float(np.median(np.concatenate([m["ms_per_batch"][i::inputs] for m in measured])))
-                             for i in range(inputs)]
-                input_mean_ms = float(np.mean(per_input))
-            peaks = [m["peak_memory_mb"] for m in measured if m["peak_memory_mb"] is not None]
-            results[name]["protocols"][protocol].update({
-                "images_per_second": batch_size / (input_mean_ms / 1000.0) if input_mean_ms > 0 else float("inf"),
-                "ms_per_batch_by_input": per_input, "ms_per_batch_input_mean": input_mean_ms,
-                "ms_per_batch_median": median_ms, "ms_per_batch_mean": float(times.mean()),
-                "ms_per_batch_p90": float(np.percentile(times, 90)), "ms_per_image": median_ms / batch_size,
-                "ms_per_batch_rounds": [m["ms_per_batch_median"] for m in measured], "iters": int(times.size),
-                "peak_memory_mb": max(peaks) if peaks else None,
-                "overlapped_images_per_second": measured[0].get("overlapped_images_per_second")})
-    runners.clear()  # frees the graphs' memory pools
+        timings = time_interleaved(calls, warmup=warmup, iters=iters, rounds=rounds, device=device, overlapped=True,
+                                   host_calls=_HOST_CALLS, progress=progress)
+        for (name, protocol), times in timings.items():
+            inputs = None if fresh and protocol == "mixed" else len(batches[protocol])
+            results[name]["protocols"][protocol].update(_protocol_timing(times, inputs))
+    calls.clear()  # frees the graphs' memory pools
     if captures is not None:  # block graphs captured during the timed rounds (the warm-up passes included)
         captures.update(after_rounds=graphs.captures, kept=len(graphs))
-    net.encoder.block_graphs = own_graphs
+    backbone.block_graphs = own_graphs
     for name in settings:
         net.set_algm(settings[name])
         counted = [count_gflops(net, (images[i:i + 1],))["gflops"] for i in range(min(flops_images, len(images)))]
@@ -306,16 +300,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
         logger.info("%s: %s", name, {p: round(v["images_per_second"], 1)
                                      for p, v in results[name]["protocols"].items()})
     net.set_algm(OFF)
-    ratios = {}
-    if "baseline" in results:
-        base = results["baseline"]["protocols"]
-        ratios = {name: {p: r["protocols"][p]["images_per_second"] / base[p]["images_per_second"] for p in protocols}
-                  for name, r in results.items()}
-    # mixed vs repeat over the same images: each protocol's mean over its inputs of their median batch times
-    adaptivity = {}
-    if set(PROTOCOLS) <= set(protocols):
-        adaptivity = {name: r["protocols"]["repeat"]["ms_per_batch_input_mean"]
-                      / r["protocols"]["mixed"]["ms_per_batch_input_mean"] for name, r in results.items()}
+    ratios, adaptivity = _speed_ratios(results, protocols)
     return {"config": {"batch_size": batch_size, "precision": precision, "protocols": list(protocols),
                        "output": output, "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
                        "block_graphs": block_graphs, "graph_buckets": graph_buckets,
