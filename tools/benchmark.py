@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: ANN001
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay static-shape settings as CUDA graphs (thresholds stay eager)")
     parser.add_argument("--no-block-graphs", action="store_true",
-                        help="turn off the encoder's CUDA graphs of the block runs between merges (on by default, "
+                        help="turn off the encoder's CUDA graphs of the segments between merges (on by default, "
                              "as in the model)")
     parser.add_argument("--graph-buckets", type=int, default=16,
                         help="row buckets per doubling of a per-image batch's packed total (the model's default)")

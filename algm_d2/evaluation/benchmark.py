@@ -229,7 +229,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     "reduce-overhead") compiles the forward of settings with :func:`static_shapes` (``dynamic=False``);
     ``cuda_graphs`` (CUDA only) captures those settings' forwards as CUDA graphs and replays them. Settings with
     data-dependent token counts run eagerly either way (their merges sync with the host). ``block_graphs``: whether
-    the backbone replays its runs of blocks between merges as CUDA graphs (None: the model's own setting, on by
+    the backbone replays its segments between merges' host syncs as CUDA graphs (None: the model's own setting, on by
     default; inside a whole-forward graph or compile they run inline; ``graph_buckets``: row buckets per doubling of
     a packed total, the model's default 16). ``mixed_images``: a pool of distinct images for the mixed protocol,
     each batch of which is used once per setting (as in an evaluation, no batch comes back: token counts and
