@@ -15,7 +15,7 @@ from algm_d2.config import get_cfg
 from algm_d2.data import BadSampleError
 from algm_d2.data.readers import read_sem_seg
 from algm_d2.engine import IncompleteCheckpointError, last_checkpoint
-from algm_d2.engine.checkpoint import atomic_write
+from algm_d2.engine.training_checkpoints import atomic_write
 from algm_d2.engine.defaults import check_config
 from algm_d2.modeling import SemanticSegmentor
 from algm_d2.modeling.backbone.build import build_timm_vit

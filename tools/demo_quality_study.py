@@ -208,7 +208,7 @@ class Plateau:
 
 def early_stopping_trainer_class():  # noqa: ANN201 - the class, built after torch is imported
     from algm_d2.engine import Trainer
-    from algm_d2.engine.checkpoint import save_model_weights
+    from algm_d2.engine.training_checkpoints import save_model_weights
 
     class EarlyStoppingTrainer(Trainer):
         """Trainer whose periodic evaluations keep the best weights (OUTPUT_DIR/model_best.pth) and end training

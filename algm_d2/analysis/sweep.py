@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from ..data import build_test_loader, get_metadata
-from ..engine.evaluation import count_dataset_gflops, inference_on_dataset
+from ..engine.eval_loop import count_dataset_gflops, inference_on_dataset
 from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator
 from ..merge import OFF, ALGMConfig
 from ..modeling import SemanticSegmentor, algm_config_from_cfg

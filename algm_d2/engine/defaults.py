@@ -84,7 +84,7 @@ def check_config(cfg: CfgNode) -> None:
     from ..evaluation import FLOP_COUNT_BACKENDS
     from ..modeling.backbone.build import POS_EMBED_INTERPS
     from ..modeling.meta_arch.semantic_segmentor import SMALL_IMAGE_RULES, TEST_MODES
-    from .evaluation import INFERENCE_PRECISIONS
+    from .eval_loop import INFERENCE_PRECISIONS
 
     choices = {"TEST.PRECISION": (cfg.TEST.PRECISION, tuple(INFERENCE_PRECISIONS)),
                "TEST.FLOPS_BACKEND": (cfg.TEST.FLOPS_BACKEND, FLOP_COUNT_BACKENDS),

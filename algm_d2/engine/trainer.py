@@ -24,11 +24,11 @@ from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_test_loader, build_train_loader, get_metadata
 from ..evaluation.visualize import prediction_panels
 from ..modeling import build_model
-from .checkpoint import (
+from .training_checkpoints import (
     MODEL_FILE, TAG_PREFIX, TrainingCheckpointer, atomic_write, last_checkpoint, verify_listed_file, write_manifest,
 )
 from .defaults import EVAL_ONLY_DIR, check_config, get_rank, get_world_size
-from .evaluation import evaluate
+from .eval_loop import evaluate
 from .events import EventWriter
 from .lr_schedule import WarmupLRScheduler
 from .optim import build_optimizer
