@@ -169,11 +169,11 @@ def test_merged_token_decoder_on_a_padded_per_image_batch_equals_each_image_alon
                                                   num_heads=2, ffn_dim=32, num_layers=2, mask_dim=16).double()
     x, state = merged_state(1, "per_image")
     assert state.padded
-    out = decoder(x[:, 1:], state)
+    out = decoder(x[:, 1:], state, prop_attn=True)
     assert out["pred_masks"].shape == (2, 4, 4, 6) and len(out["aux_outputs"]) == 2
     for i in range(2):
         x_alone, state_alone = merged_state(1, "per_image", slice(i, i + 1))
-        alone = decoder(x_alone[:, 1:], state_alone)
+        alone = decoder(x_alone[:, 1:], state_alone, prop_attn=True)
         for key in ("pred_logits", "pred_masks"):
             torch.testing.assert_close(out[key][i:i + 1], alone[key], rtol=1e-9, atol=1e-9)
     sum(v.sum() for v in (out["pred_logits"], out["pred_masks"])).backward()

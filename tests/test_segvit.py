@@ -57,8 +57,8 @@ def test_atm_on_merged_tokens_with_log_size_bias_equals_atm_on_the_unmerged_grid
     head = tiny_head()
     taps = [merged_tap(seed, policy) for seed in range(3)]
     assert all(t.state.merged for t in taps) and (policy == "min" or taps[0].state.padded)
-    merged = head(taps)
-    expected = head([unmerged(t) for t in taps])
+    merged = head(taps, prop_attn=True)
+    expected = head([unmerged(t) for t in taps], prop_attn=True)
     for key in ("pred_logits", "pred_masks"):
         torch.testing.assert_close(merged[key], expected[key], rtol=1e-10, atol=1e-10)
         for a, b in zip(merged["aux_outputs"], expected["aux_outputs"]):

@@ -25,16 +25,19 @@ from ..checkpoint.pretrained import load_pretrained_vit
 from ..merge import MergeState
 from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.backbone.vit_adapter import ViTAdapter
+from ..modeling.merged_tokens import patches_to_grid
 
 MERGED_TOKENS = "merged_tokens"
 PYRAMID = ("res2", "res3", "res4", "res5")
 
 
 class MergedTokens(NamedTuple):
-    """The encoder's final-norm patch tokens ``[B, T - P, C]`` (merged; prefix tokens removed) and their state."""
+    """The encoder's final-norm patch tokens ``[B, T - P, C]`` (merged; prefix tokens removed), their state, and
+    the encoder's ``ALGMConfig.prop_attn`` (a decoder on these tokens weighs them by size with it)."""
 
     tokens: Tensor
     state: MergeState
+    prop_attn: bool = False
 
 
 def check_input_format(cfg) -> None:  # noqa: ANN001 - a CfgNode
@@ -49,7 +52,7 @@ class ALGMViTBackbone(ALGMViT, Backbone):
 
     def forward(self, images: Tensor) -> Dict[str, Any]:  # type: ignore[override]
         tokens, state = super().forward(images)
-        return {MERGED_TOKENS: MergedTokens(tokens[:, state.num_prefix:], state)}
+        return {MERGED_TOKENS: MergedTokens(tokens[:, state.num_prefix:], state, self.algm.prop_attn)}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {MERGED_TOKENS: ShapeSpec(channels=self.embed_dim, stride=self.patch_size[0])}
@@ -82,8 +85,7 @@ class ALGMViTPyramidBackbone(ALGMViTBackbone):
     def forward(self, images: Tensor) -> Dict[str, Any]:  # type: ignore[override]
         outputs = super().forward(images)
         merged: MergedTokens = outputs[MERGED_TOKENS]
-        h, w = merged.state.grid_size
-        grid = merged.state.unmerge_patches(merged.tokens).transpose(1, 2).reshape(images.shape[0], -1, h, w)
+        grid = patches_to_grid(merged.tokens, merged.state)
         outputs.update({name: level(grid) for name, level in self.simple_pyramid.items()})
         return outputs
 

@@ -28,7 +28,7 @@ class MergedTokenMask2FormerHead(MergedTokenMaskedTransformerDecoder):
 
     def forward(self, features: Dict[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
         merged: MergedTokens = features[MERGED_TOKENS]
-        return super().forward(merged.tokens, merged.state)
+        return super().forward(merged.tokens, merged.state, prop_attn=merged.prop_attn)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()

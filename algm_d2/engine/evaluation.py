@@ -92,7 +92,7 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
         evaluator = SemSegEvaluator.from_config(cfg, class_names=get_metadata(name).stuff_classes,
                                                 output_dir=str(Path(cfg.OUTPUT_DIR) / "inference" / name))
         timer = InferenceTimer(warmup_batches=cfg.TEST.TIMER_WARMUP_BATCHES, device=device)
-        merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
+        merge_stats = MergeStatsAccumulator.for_model(model) if cfg.TEST.MERGE_STATS else None
         with gathered_parameters() if gathered_parameters is not None else nullcontext():
             loader = build_test_loader(cfg, name)
             results = inference_on_dataset(model, loader, evaluator, timer=timer, merge_stats=merge_stats,

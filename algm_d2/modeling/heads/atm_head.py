@@ -4,9 +4,10 @@ One class query per class. For each tapped encoder layer (deepest first) the que
 post-norm transformer decoder whose cross-attention reads that layer's (projected, normalised) tokens; the
 head-averaged pre-softmax attention logits of its last layer are the per-token mask logits, summed over the layers.
 
-With ALGM the decoder attends to the merged tokens with the key bias log(size) (a merged token weighs as its
-members would), and only the per-token masks are unmerged to the patch grid (one gather per layer) after the
-decoder: for tokens that equal their members this is exactly the attention to the unmerged grid.
+With ALGM the decoder attends to the merged tokens, and only the per-token masks are unmerged to the patch grid
+(one gather per layer) after the decoder. With the network's ``ALGMConfig.prop_attn`` the cross-attention adds the
+key bias log(size) (a merged token weighs as its members would): for tokens that equal their members this is
+exactly the attention to the unmerged grid.
 
 Module names are the release's (zbwxp/SegVit ``ATMHead``: ``input_proj_i``, ``proj_norm_i``,
 ``decoder_i.layers.j.{self_attn, multihead_attn.{q,k,v,proj}, linear1, linear2, norm1..3}``, ``q``,
@@ -22,9 +23,9 @@ from torch import Tensor, nn
 
 from ...merge.state import attention_dtype
 from ..backbone.taps import Tap
+from ..merged_tokens import patch_key_bias
 from ..mask2former.criterion import Target, class_weights_with_no_object, mean_num_masks
 from ..registry import SEM_SEG_HEAD_REGISTRY
-from .segmenter_heads import patch_key_bias
 
 
 class ATMCrossAttention(nn.Module):
@@ -132,8 +133,9 @@ class ATMHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, taps: Sequence[Tap]) -> Dict[str, Any]:
-        """The tapped layers, shallowest first (as the encoder produced them) → predictions on the patch grid."""
+    def forward(self, taps: Sequence[Tap], *, prop_attn: bool = False) -> Dict[str, Any]:
+        """The tapped layers, shallowest first (as the encoder produced them) → predictions on the patch grid;
+        ``prop_attn``: the network's ``ALGMConfig.prop_attn``."""
         if len(taps) != self.num_stages:
             raise ValueError(f"ATMHead has {self.num_stages} decoders, got {len(taps)} layers")
         b = taps[0].tokens.shape[0]
@@ -141,7 +143,7 @@ class ATMHead(nn.Module):
         logits, masks = [], []
         for i, tap in enumerate(reversed(taps), start=1):
             memory = getattr(self, f"proj_norm_{i}")(getattr(self, f"input_proj_{i}")(tap.patches))
-            bias = patch_key_bias(tap.state, True, attention_dtype(memory)) if tap.state.merged else None
+            bias = patch_key_bias(tap.state, prop_attn, attention_dtype(memory)) if tap.state.merged else None
             queries, token_masks = getattr(self, f"decoder_{i}")(queries, memory, bias)
             grid = tap.grid(token_masks.transpose(1, 2))  # per-token masks unmerged after the decoder
             masks.append(grid if not masks else masks[-1] + grid)

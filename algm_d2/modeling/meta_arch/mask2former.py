@@ -120,4 +120,4 @@ class MergedTokenMask2Former(MaskClassificationNet):
         tokens, state = self.backbone(images)
         self._last_state = state
         with dynamic_length_attention(state.merged and self.algm.data_dependent):
-            return self.decoder(tokens[:, state.num_prefix:], state)
+            return self.decoder(tokens[:, state.num_prefix:], state, prop_attn=self.algm.prop_attn)

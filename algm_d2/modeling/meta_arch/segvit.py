@@ -54,7 +54,7 @@ class SegViT(TappedViTNet):
     def predict(self, padded: Tensor) -> Dict[str, Any]:
         """Padded images → ``{"pred_logits", "pred_masks" (patch grid), "aux_outputs"}``."""
         taps = self.encode(padded, self.out_indices)
-        return self.decode_head([taps[i] for i in self.out_indices])
+        return self.decode_head([taps[i] for i in self.out_indices], prop_attn=self.algm.prop_attn)
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
