@@ -80,7 +80,8 @@ class MaskTransformer(nn.Module):
         network's ``ALGMConfig.prop_attn``."""
         x = self.proj_dec(patches)
         classes = self.cls_emb.expand(x.shape[0], -1, -1)
-        layout = self._packed_layout(state, prop_attn)
+        # the variable-length kernels take no key bias: proportional attention runs padded
+        layout = None if prop_attn else self._packed_layout(state)
         if layout is not None:
             # class tokens first, so that each image's valid tokens lead its row (the decoder has no positions:
             # the order changes nothing but the order of the sums)
@@ -106,10 +107,10 @@ class MaskTransformer(nn.Module):
         masks = self.mask_norm(patch_feat @ class_feat.transpose(1, 2))
         return patches_to_grid(masks, state)
 
-    def _packed_layout(self, state: MergeState, prop_attn: bool) -> Optional[PackedLayout]:
+    def _packed_layout(self, state: MergeState) -> Optional[PackedLayout]:
         """Layout of ``[class tokens, valid patch tokens]`` per image for a padded per-image batch in inference
-        without proportional attention (the variable-length kernels take no key bias), else None."""
-        if not (self.packed_attention and not self.training and not prop_attn and state.padded
+        (asked only without proportional attention), else None."""
+        if not (self.packed_attention and not self.training and state.padded
                 and state.total_tokens is not None):
             return None
         batch, seq_len = state.sizes.shape
