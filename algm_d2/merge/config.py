@@ -136,23 +136,27 @@ class ALGMConfig:
                 raise ALGMConfigError(name, f"{name} must be a 1-based layer number >= 1 or None, got {layer!r}")
         if self.local_active and self.global_active and self.global_layer < self.local_layer:
             raise ALGMConfigError(
-                "global_layer", f"global_layer ({self.global_layer}) must not come before local_layer ({self.local_layer}): "
+                "global_layer",
+                f"global_layer ({self.global_layer}) must not come before local_layer ({self.local_layer}): "
                 "CLAP needs the full grid"
             )
         if self.batch_policy not in BATCH_POLICIES:
-            raise ALGMConfigError("batch_policy", f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+            raise ALGMConfigError("batch_policy",
+                                  f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
         for name in ("prop_attn", "reduce_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ALGMConfigError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.local_method not in LOCAL_METHODS:
-            raise ALGMConfigError("local_method", f"local_method must be one of {LOCAL_METHODS}, got {self.local_method!r}")
+            raise ALGMConfigError("local_method",
+                                  f"local_method must be one of {LOCAL_METHODS}, got {self.local_method!r}")
         if self.merge_value not in MERGE_VALUES:
             raise ALGMConfigError("merge_value", f"merge_value must be one of {MERGE_VALUES}, got {self.merge_value!r}")
         if not isinstance(self.tome_r, int) or isinstance(self.tome_r, bool) or self.tome_r < 0:
             raise ALGMConfigError("tome_r", f"tome_r must be a non-negative int, got {self.tome_r!r}")
         layers = tuple(self.tome_layers) if isinstance(self.tome_layers, (list, tuple)) else None
         if layers is None or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in layers):
-            raise ALGMConfigError("tome_layers", f"tome_layers must be 1-based layer numbers (empty: every layer), got {self.tome_layers!r}")
+            raise ALGMConfigError("tome_layers", "tome_layers must be 1-based layer numbers (empty: every layer), "
+                                                 f"got {self.tome_layers!r}")
         object.__setattr__(self, "tome_layers", tuple(sorted(set(layers))))
         if self.tome_active and (self.local_active or self.global_active):
             raise ALGMConfigError("tome_r", f"tome_r ({self.tome_r}): ToMe replaces CLAP and GBM; switch them off "
@@ -202,9 +206,11 @@ class ALGMConfig:
         for name, active in (("local_layer", self.local_active), ("global_layer", self.global_active)):
             layer = getattr(self, name)
             if active and layer > depth:
-                raise ALGMConfigError(name, f"{name}={layer} is out of range for a model with {depth} blocks (1..{depth})")
+                raise ALGMConfigError(name, f"{name}={layer} is out of range for a model with {depth} blocks "
+                                            f"(1..{depth})")
         if self.tome_active and self.tome_layers and self.tome_layers[-1] > depth:
-            raise ALGMConfigError("tome_layers", f"tome_layers={list(self.tome_layers)} reach past a model with {depth} blocks (1..{depth})")
+            raise ALGMConfigError("tome_layers", f"tome_layers={list(self.tome_layers)} reach past a model with "
+                                                 f"{depth} blocks (1..{depth})")
 
 
 OFF = ALGMConfig(local_layer=None, global_layer=None)

@@ -117,8 +117,9 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
 
     Keys/values of the cross-attention are the merged patch tokens (projected to ``hidden_dim``) with sine positions
     at their mean grid positions; with the network's ``ALGMConfig.prop_attn`` they carry the additive key bias
-    log(size) — a merged token weighs as its members would, exactly the attention to the unmerged grid. Masks are per token (``mask_embed(query) · mask_proj(token)``), used for the masked attention and
-    unmerged to the patch grid (one gather) for the outputs and the loss.
+    log(size) — a merged token weighs as its members would, exactly the attention to the unmerged grid. Masks are
+    per token (``mask_embed(query) · mask_proj(token)``), used for the masked attention and unmerged to the patch
+    grid (one gather) for the outputs and the loss.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
