@@ -71,3 +71,88 @@ def test_calibration_file_replaces_float_thresholds(tmp_path):
     cfg.MODEL.ALGM.GLOBAL_LAYER = 7
     with pytest.raises(ValueError, match="no threshold for layer 7"):
         algm_config_from_cfg(cfg)
+
+
+def test_algm_errors_carry_the_field_and_the_translator_names_its_key():
+    from algm_d2.merge.config import ALGMConfig, ALGMConfigError
+
+    for kwargs, field in [({"window": (0, 2)}, "window"), ({"batch_policy": "max"}, "batch_policy"),
+                          ({"local_threshold": "top:x"}, "local_threshold"), ({"local_layer": 0}, "local_layer"),
+                          ({"local_layer": 6, "global_layer": 5}, "global_layer")]:
+        with pytest.raises(ALGMConfigError) as caught:
+            ALGMConfig(**kwargs)
+        assert caught.value.field == field
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.ALGM.ENABLED", "True", "MODEL.ALGM.WINDOW", "(1, 1)"])
+    with pytest.raises(ValueError, match=r"^MODEL.ALGM.WINDOW: window must be positive"):
+        algm_config_from_cfg(cfg)
+    cfg.merge_from_list(["MODEL.ALGM.WINDOW", "(2, 2)", "MODEL.ALGM.BATCH_POLICY", "max"])
+    with pytest.raises(ValueError, match=r"^MODEL.ALGM.BATCH_POLICY: batch_policy must be one of"):
+        algm_config_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("window", [2, [2], (2, 2, 2), (2.0, 2)])
+def test_a_window_is_a_rows_cols_pair_only(window, tmp_path):
+    from algm_d2.merge.config import ALGMConfig, ALGMConfigError
+
+    with pytest.raises(ALGMConfigError, match=r"window must be two ints \(rows, cols\)"):
+        ALGMConfig(window=window)
+    assert ALGMConfig(window=[3, 1]).window == (3, 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  ALGM:\n    ENABLED: True\n    WINDOW: 2\n")
+    with pytest.raises(ValueError, match="MODEL.ALGM.WINDOW"):
+        cfg = get_cfg()
+        cfg.merge_from_file(str(bad))
+        algm_config_from_cfg(cfg)
+
+
+def test_the_calibration_file_reads_back_what_the_calibrator_wrote(tmp_path):
+    import torch
+
+    from algm_d2.evaluation import save_json
+    from algm_d2.merge import ThresholdCalibrator
+    from algm_d2.merge.calibration import read_layer_thresholds
+
+    calibrator = ThresholdCalibrator([1, 5])
+    for layer in (1, 5):
+        calibrator.observe(layer, torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(layer)))
+    result = calibrator.result()
+    save_json(str(tmp_path / "tau.json"), result)
+    assert read_layer_thresholds(str(tmp_path / "tau.json")) == {
+        int(layer): entry["threshold"] for layer, entry in result["layers"].items()}
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.ALGM.ENABLED", "True", "MODEL.ALGM.CALIBRATION_FILE", str(tmp_path / "tau.json")])
+    assert algm_config_from_cfg(cfg).global_threshold == "batch_stats"  # a string rule is kept
+    (tmp_path / "bad.json").write_text('{"layers": {"1": {"mean": 0.5}}}')
+    for name in ("bad.json", "missing.json"):
+        cfg.MODEL.ALGM.CALIBRATION_FILE = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^MODEL.ALGM.CALIBRATION_FILE: cannot read per-layer thresholds from "
+                                             rf".*{name}"):
+            algm_config_from_cfg(cfg)
+
+
+def test_clip_type_and_norm_type_take_their_one_value_and_name_the_key_otherwise():
+    from algm_d2.engine.trainer import deepspeed_config
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(ROOT / "configs/ade20k/segvit/segvit_vit_large_atm_640x640_160k.yaml"))  # sets both
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and deepspeed_config(cfg, world_size=1)["gradient_clipping"] > 0
+    for key, value in (("CLIP_TYPE", "norm"), ("NORM_TYPE", 1.0)):
+        bad = cfg.clone()
+        bad.merge_from_list([f"SOLVER.CLIP_GRADIENTS.{key}", value])
+        with pytest.raises(ValueError, match=rf"SOLVER.CLIP_GRADIENTS.{key} must be .* got {value!r}"):
+            deepspeed_config(bad, world_size=1)
+        bad.SOLVER.CLIP_GRADIENTS.ENABLED = False  # detectron2's default CLIP_TYPE "value" with clipping off
+        assert deepspeed_config(bad, world_size=1)["gradient_clipping"] == 0.0
+
+
+def test_precisions_are_declared_once():
+    import torch
+
+    from algm_d2.config import PRECISIONS, precision_dtype
+
+    assert [precision_dtype(p) for p in PRECISIONS] == [None, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="TEST.PRECISION must be one of fp32, bf16, fp16, got 'fp8'"):
+        precision_dtype("fp8", "TEST.PRECISION")

@@ -1,10 +1,13 @@
 """MergeStatsAccumulator on synthetic token counts with hand-computed ratios."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from algm_d2.config import get_cfg
 from algm_d2.evaluation import MergeStatsAccumulator
+from algm_d2.merge import ALGMConfig
+from algm_d2.modeling import algm_config_from_cfg, build_model
 
 # 3 blocks, 1 class token, 8 patches: 9 tokens at the start. Per image, tokens leaving blocks 1, 2, 3:
 # image 0: 9, 9, 7   image 1: 5, 5, 3   (first batch)   image 2: 5, 5, 5   (second batch)
@@ -52,11 +55,16 @@ def test_without_algm_layers_and_empty():
     assert stats.num_images == 0
 
 
+def built(cfg):
+    """What for_model reads of a model built from ``cfg``: its ALGMConfig."""
+    return SimpleNamespace(algm=algm_config_from_cfg(cfg))
+
+
 def test_from_config_uses_the_algm_layers_only_when_enabled():
     cfg = get_cfg()
-    assert MergeStatsAccumulator.from_config(cfg).global_layer is None
+    assert MergeStatsAccumulator.for_model(built(cfg)).global_layer is None
     cfg.MODEL.ALGM.ENABLED = True
-    stats = MergeStatsAccumulator.from_config(cfg)
+    stats = MergeStatsAccumulator.for_model(built(cfg))
     assert (stats.local_layer, stats.global_layer) == (cfg.MODEL.ALGM.LOCAL_LAYER, cfg.MODEL.ALGM.GLOBAL_LAYER)
 
 
@@ -81,3 +89,16 @@ def test_inconsistent_batches_are_rejected():
     with pytest.raises(ValueError, match="global_layer 5 is beyond the 3 blocks"):
         MergeStatsAccumulator(global_layer=5).update(BATCHES[0])
     assert stats.num_images == 3
+
+
+def test_the_algm_layers_are_the_models_own_after_set_algm():
+    cfg = get_cfg()
+    cfg.merge_from_file("configs/demo/segmenter_tiny_algm.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    stats = MergeStatsAccumulator.for_model(model)
+    assert (stats.local_layer, stats.global_layer) == (cfg.MODEL.ALGM.LOCAL_LAYER, cfg.MODEL.ALGM.GLOBAL_LAYER)
+    model.net.set_algm(ALGMConfig(local_layer=2, global_layer=3))
+    stats = MergeStatsAccumulator.for_model(model)
+    assert (stats.local_layer, stats.global_layer) == (2, 3)
+    assert MergeStatsAccumulator.for_model(object()).local_layer is None  # a model that does not merge

@@ -8,20 +8,22 @@ from typing import Any, Dict, Mapping, Optional
 
 import yaml
 
+from ..merge.calibration import layer_thresholds
+
 
 def calibrated_thresholds_for(result: Mapping[str, Any], local_layer: Optional[int], global_layer: Optional[int]
                               ) -> Dict[str, float]:
     """{"LOCAL_THRESHOLD": τ of the local layer, "GLOBAL_THRESHOLD": τ of the global layer} for the layers the
     calibration measured; a configured layer it did not measure raises naming it."""
-    layers = result["layers"]
+    layers = layer_thresholds(result)
     values = {}
     for key, layer in (("LOCAL_THRESHOLD", local_layer), ("GLOBAL_THRESHOLD", global_layer)):
         if layer is None:
             continue
-        if str(layer) not in layers:
+        if layer not in layers:
             raise ValueError(f"MODEL.ALGM.{key.split('_')[0]}_LAYER={layer}: the calibration has no threshold for it "
-                             f"(it measured layers {sorted(layers, key=int)})")
-        values[key] = float(layers[str(layer)]["threshold"])
+                             f"(it measured layers {sorted(layers)})")
+        values[key] = layers[layer]
     return values
 
 

@@ -135,7 +135,7 @@ def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Se
             num_classes=num_classes, encoder_dim=encoder.embed_dim, dim=encoder.embed_dim,
             depth=int(decoder_kwargs["n_layers"]), num_heads=encoder.embed_dim // 64,
             dropout=float(decoder_kwargs.get("dropout", 0.0)),
-            drop_path_rate=float(decoder_kwargs.get("drop_path_rate", 0.0)), prop_attn=algm.prop_attn)
+            drop_path_rate=float(decoder_kwargs.get("drop_path_rate", 0.0)))
     elif "linear" in name:
         decoder = LinearDecoder(num_classes=num_classes, encoder_dim=encoder.embed_dim)
     else:

@@ -3,7 +3,8 @@
 - An int given for a float key is taken as that float (YAML ``LR: 1``).
 - A few keys take values of more than one type (ALGM thresholds: a float τ, "batch_stats", "top:R",
   "fraction:F" or null); ``FLEXIBLE_KEYS`` lists them with the types they accept. Their meaning is checked where
-  they are used (``ALGMConfig.from_cfg`` raises ValueError naming the key), which train_net does at start-up.
+  they are used (``algm_d2.modeling.algm_config_from_cfg`` raises ValueError naming the key), which train_net does
+  at start-up.
 Unknown keys raise ``KeyError`` naming the full key; other type mismatches raise ``ValueError`` naming it.
 """
 from __future__ import annotations

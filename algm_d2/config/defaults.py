@@ -5,7 +5,12 @@ kept as its own function so a detectron2 bridge can add it to detectron2's own c
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from .config import CfgNode as CN
+
+# The values of TEST.PRECISION, DEEPSPEED.PRECISION and the benchmark tools' --precision (see precision_dtype).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def add_algm_config(cfg: CN) -> None:
@@ -27,7 +32,8 @@ def add_algm_config(cfg: CN) -> None:
     # "min": every image merges the batch-minimum count (the release; use for training). "per_image": each
     # image merges all its groups above τ (inference; batches are padded).
     cfg.MODEL.ALGM.BATCH_POLICY = "min"
-    # Proportional attention (ToMe): add log(size) to each key's logits. Off in the release.
+    # Proportional attention (ToMe): add log(size) to each merged key's logits, in the encoder and in every decoder
+    # that reads merged tokens (the network passes it on; set_algm changes it). Off in the release.
     cfg.MODEL.ALGM.PROP_ATTN = False
     # Optional JSON file written by tools/calibrate_thresholds.py; when set, its per-layer τ = μ + σ replaces the
     # float thresholds above (rules given as strings are kept).
@@ -316,8 +322,9 @@ def _solver(cfg: CN) -> None:
     # Linear warmup from WARMUP_FACTOR * lr over WARMUP_ITERS steps (0 = none).
     cfg.SOLVER.WARMUP_ITERS = 0
     cfg.SOLVER.WARMUP_FACTOR = 0.001
-    # Gradient clipping (detectron2's keys; DeepSpeed clips the L2 norm of all gradients together, so CLIP_TYPE must
-    # be "full_model" and NORM_TYPE 2.0).
+    # Gradient clipping, detectron2's and Mask2Former's keys (their YAMLs load as they are). DeepSpeed clips the L2
+    # norm of all gradients together, so with ENABLED the trainer takes CLIP_TYPE "full_model" (Mask2Former's name
+    # for that) and NORM_TYPE 2.0 only, and raises naming the key for any other value.
     cfg.SOLVER.CLIP_GRADIENTS = CN()
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
@@ -386,6 +393,15 @@ def _test(cfg: CN) -> None:
     # Evaluations during training write this many validation images (input | ground truth | prediction) to
     # TensorBoard, the first ones of each DATASETS.TEST; 0 = none.
     cfg.TEST.TENSORBOARD_IMAGES = 3
+
+
+def precision_dtype(precision: str, key: str = "precision") -> Optional["torch.dtype"]:  # noqa: F821
+    """The autocast dtype of one of ``PRECISIONS`` (None for fp32, the reference); ValueError naming ``key``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{key} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def resolve_device(name: str) -> str:

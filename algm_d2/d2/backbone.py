@@ -25,6 +25,7 @@ from ..checkpoint.pretrained import load_pretrained_vit
 from ..merge import MergeState
 from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.backbone.vit_adapter import ViTAdapter
+from ..modeling.merged_tokens import patches_to_grid
 
 MERGED_TOKENS = "merged_tokens"
 PYRAMID = ("res2", "res3", "res4", "res5")
@@ -82,8 +83,7 @@ class ALGMViTPyramidBackbone(ALGMViTBackbone):
     def forward(self, images: Tensor) -> Dict[str, Any]:  # type: ignore[override]
         outputs = super().forward(images)
         merged: MergedTokens = outputs[MERGED_TOKENS]
-        h, w = merged.state.grid_size
-        grid = merged.state.unmerge_patches(merged.tokens).transpose(1, 2).reshape(images.shape[0], -1, h, w)
+        grid = patches_to_grid(merged.tokens, merged.state)
         outputs.update({name: level(grid) for name, level in self.simple_pyramid.items()})
         return outputs
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..cli import EPILOG, default_argument_parser  # noqa: F401 - part of this module's API
-from ..config import CfgNode, get_cfg, resolve_device
+from ..config import PRECISIONS, CfgNode, get_cfg, resolve_device
 from .runtime import local_processes, set_cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def check_config(cfg: CfgNode) -> None:
     from ..evaluation import FLOP_COUNT_BACKENDS
     from ..modeling.backbone.build import POS_EMBED_INTERPS
     from ..modeling.meta_arch.semantic_segmentor import SMALL_IMAGE_RULES, TEST_MODES
-    from .eval_loop import INFERENCE_PRECISIONS
-
-    choices = {"TEST.PRECISION": (cfg.TEST.PRECISION, tuple(INFERENCE_PRECISIONS)),
+    choices = {"TEST.PRECISION": (cfg.TEST.PRECISION, PRECISIONS),
                "TEST.FLOPS_BACKEND": (cfg.TEST.FLOPS_BACKEND, FLOP_COUNT_BACKENDS),
                "TEST.MODE": (cfg.TEST.MODE, TEST_MODES),
                "TEST.SLIDE_SMALL_IMAGE": (cfg.TEST.SLIDE_SMALL_IMAGE, SMALL_IMAGE_RULES),

@@ -11,15 +11,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import precision_dtype
 from ..data import build_test_loader, get_metadata, register_datasets_from_config
 from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator, count_gflops, save_json
 from .defaults import get_rank
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
-
-
-INFERENCE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, evaluator: SemSegEvaluator, *,
@@ -34,9 +32,7 @@ def inference_on_dataset(model: nn.Module, loader: torch.utils.data.DataLoader, 
         merge_stats.reset()
     was_training = model.training
     model.eval()
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"TEST.PRECISION must be one of {sorted(INFERENCE_PRECISIONS)}, got {precision!r}")
-    dtype = INFERENCE_PRECISIONS[precision]
+    dtype = precision_dtype(precision, "TEST.PRECISION")
     device_type = next(model.parameters()).device.type
     with torch.no_grad(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=get_rank() != 0, mininterval=10):
@@ -92,7 +88,7 @@ def evaluate(cfg, model: nn.Module, *,  # noqa: ANN001 - a CfgNode
         evaluator = SemSegEvaluator.from_config(cfg, class_names=get_metadata(name).stuff_classes,
                                                 output_dir=str(Path(cfg.OUTPUT_DIR) / "inference" / name))
         timer = InferenceTimer(warmup_batches=cfg.TEST.TIMER_WARMUP_BATCHES, device=device)
-        merge_stats = MergeStatsAccumulator.from_config(cfg) if cfg.TEST.MERGE_STATS else None
+        merge_stats = MergeStatsAccumulator.for_model(model) if cfg.TEST.MERGE_STATS else None
         with gathered_parameters() if gathered_parameters is not None else nullcontext():
             loader = build_test_loader(cfg, name)
             results = inference_on_dataset(model, loader, evaluator, timer=timer, merge_stats=merge_stats,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ..config import PRECISIONS
 from ..checkpoint import load_model_weights, load_pretrained_vit
 from ..data import build_test_loader, build_train_loader, get_metadata
 from ..evaluation.visualize import prediction_panels
@@ -36,7 +37,6 @@ from .rng import preserved_rng, set_rng_state
 from .runtime import import_deepspeed, without_shm_comm_op
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16", "fp16")
 FINAL_WEIGHTS = "model_final.pth"
 
 
@@ -58,9 +58,10 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:  # noqa: ANN001 - 
                          f"processes ({world_size}) x SOLVER.GRAD_ACCUM_STEPS ({solver.GRAD_ACCUM_STEPS})")
     clip = solver.CLIP_GRADIENTS
     if clip.ENABLED:
-        if clip.CLIP_TYPE != "full_model" or clip.NORM_TYPE != 2.0:
-            raise ValueError("DeepSpeed clips the L2 norm of all gradients together: SOLVER.CLIP_GRADIENTS.CLIP_TYPE "
-                             f"must be 'full_model' and NORM_TYPE 2.0, got {clip.CLIP_TYPE!r} and {clip.NORM_TYPE}")
+        for key, only in (("CLIP_TYPE", "full_model"), ("NORM_TYPE", 2.0)):
+            if clip[key] != only:
+                raise ValueError(f"SOLVER.CLIP_GRADIENTS.{key} must be {only!r} (DeepSpeed clips the L2 norm of all "
+                                 f"gradients together), got {clip[key]!r}")
         if clip.CLIP_VALUE <= 0:
             raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0, got {clip.CLIP_VALUE}")
     return {

@@ -1,8 +1,9 @@
 """Token-count statistics of a merging model over an evaluation run.
 
-After each forward the model exposes ``merge_stats``: {"tokens_per_layer": one list per encoder block of the
-token counts (one int per image, prefix tokens included) leaving that block, "initial_tokens": tokens entering
-block 1 (prefix included), "num_prefix": class/register tokens}. Layer numbers are 1-based, as in the paper.
+After each forward the model exposes ``merge_stats`` (:class:`algm_d2.modeling.meta_arch.merging.MergeStats`):
+{"tokens_per_layer": one list per encoder block of the token counts (one int per image, prefix tokens included)
+leaving that block, "initial_tokens": tokens entering block 1 (prefix included), "num_prefix": class/register
+tokens}. Layer numbers are 1-based, as in the paper.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch.distributed as dist
 
-_REQUIRED_KEYS = ("tokens_per_layer", "initial_tokens", "num_prefix")
+from ..merge import OFF
+from ..modeling.meta_arch.merging import MergeStats
+
+_REQUIRED_KEYS = tuple(MergeStats.__annotations__)
 
 
 class MergeStatsAccumulator:
@@ -32,11 +36,10 @@ class MergeStatsAccumulator:
         self.reset()
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "MergeStatsAccumulator":
-        """ALGM layers from MODEL.ALGM.LOCAL_LAYER / GLOBAL_LAYER (none when MODEL.ALGM.ENABLED is off)."""
-        algm = cfg.MODEL.ALGM
-        return cls(local_layer=algm.LOCAL_LAYER if algm.ENABLED else None,
-                   global_layer=algm.GLOBAL_LAYER if algm.ENABLED else None)
+    def for_model(cls, model: Any) -> "MergeStatsAccumulator":
+        """ALGM layers of the model's ``algm`` (its ``ALGMConfig``; none when it does not merge or has none)."""
+        algm = getattr(model, "algm", OFF)
+        return cls(local_layer=algm.local_layer, global_layer=algm.global_layer)
 
     def reset(self) -> None:
         self._tokens: List[np.ndarray] = []  # [images, layers] per update

@@ -2,11 +2,15 @@
 
 With unit rows U (N×C): Σ_{i,j} cos = ‖Σ_i u_i‖² and Σ_{i,j} cos² = ‖UᵀU‖_F² (a C×C Gram matrix); the N diagonal
 terms are subtracted, so the statistics over ordered pairs i≠j are exact without forming any N×N matrix.
+
+:meth:`ThresholdCalibrator.result` is the calibration file's content (``tools/calibrate_thresholds.py`` saves it as
+JSON); :func:`layer_thresholds` and :func:`read_layer_thresholds` read it back.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +65,21 @@ class ThresholdCalibrator:
 
     def result(self) -> Dict[str, Dict[str, Dict[str, float]]]:
         return {"layers": {str(layer): s.result() for layer, s in sorted(self.stats.items())}}
+
+
+def layer_thresholds(result: Mapping[str, Any]) -> Dict[int, float]:
+    """{1-based layer: τ} of a :meth:`ThresholdCalibrator.result`; ValueError when it does not have that layout."""
+    try:
+        return {int(layer): float(entry["threshold"]) for layer, entry in result["layers"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f'not a calibration result ({{"layers": {{"<layer>": {{"threshold": τ, ...}}}}}}): '
+                         f"{type(err).__name__}: {err}") from None
+
+
+def read_layer_thresholds(path: str) -> Dict[int, float]:
+    """{1-based layer: τ} of a calibration JSON file; ValueError naming ``path`` when it cannot be read."""
+    try:
+        with open(path) as f:
+            return layer_thresholds(json.load(f))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read per-layer thresholds from {path}: {err}") from None

@@ -12,6 +12,15 @@ LOCAL_METHODS = ("clap", "gbm")
 MERGE_VALUES = ("average", "random")
 
 
+class ALGMConfigError(ValueError):
+    """A bad ALGM option; ``field`` names the :class:`ALGMConfig` field (or the name given to :func:`parse_rule`), so a
+    config translator can name its own key for it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class FixedLevel:
     """Merge a set number of groups whatever their scores: ``count`` best groups, or ``fraction`` of the candidates.
@@ -41,14 +50,15 @@ Rule = Union[float, str, FixedLevel, None]
 
 
 def parse_rule(value: object, name: str) -> Rule:
-    """Turn a user value (float, "batch_stats", "top:R", "fraction:F", "none"/None) into a rule; ValueError names ``name``."""
+    """Turn a user value (float, "batch_stats", "top:R", "fraction:F", "none"/None) into a rule; an
+    :class:`ALGMConfigError` (a ValueError) names ``name``."""
     if value is None or isinstance(value, FixedLevel):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"{name}: a boolean is not a threshold rule ({value!r})")
+        raise ALGMConfigError(name, f"{name}: a boolean is not a threshold rule ({value!r})")
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
-            raise ValueError(f"{name}: threshold must be finite, got {value!r}")
+            raise ALGMConfigError(name, f"{name}: threshold must be finite, got {value!r}")
         return float(value)
     if isinstance(value, str):
         text = value.strip().lower()
@@ -60,18 +70,18 @@ def parse_rule(value: object, name: str) -> Rule:
             try:
                 return FixedLevel(count=int(text[4:]))
             except ValueError as err:
-                raise ValueError(f"{name}: bad fixed count in {value!r}: {err}") from None
+                raise ALGMConfigError(name, f"{name}: bad fixed count in {value!r}: {err}") from None
         if text.startswith("fraction:"):
             try:
                 return FixedLevel(fraction=float(text[9:]))
             except ValueError as err:
-                raise ValueError(f"{name}: bad fixed fraction in {value!r}: {err}") from None
+                raise ALGMConfigError(name, f"{name}: bad fixed fraction in {value!r}: {err}") from None
         try:
             return parse_rule(float(text), name)
         except ValueError:
             pass
-    raise ValueError(
-        f"{name}: unknown threshold rule {value!r}; use a float τ, 'batch_stats', 'top:<count>', "
+    raise ALGMConfigError(
+        name, f"{name}: unknown threshold rule {value!r}; use a float τ, 'batch_stats', 'top:<count>', "
         f"'fraction:<0..1>' or None"
     )
 
@@ -80,8 +90,11 @@ def parse_rule(value: object, name: str) -> Rule:
 class ALGMConfig:
     """Where and how ALGM merges. Layers are 1-based (block index + 1), as in the paper.
 
-    A stage is off when its layer or its rule is None. ``window`` is CLAP's (rows, cols) window; windows cut by
-    the grid border are never merged (their cells stay tokens of their own), so any H×W grid works.
+    A stage is off when its layer or its rule is None. ``window`` is CLAP's (rows, cols) window, always a pair
+    (a square window is ``(k, k)``); windows cut by the grid border are never merged (their cells stay tokens of
+    their own), so any H×W grid works. ``prop_attn`` adds log(size) to the logits of each merged key in every
+    attention that reads merged tokens: the encoder's blocks and the decoders that run on merged tokens (off in the
+    release). Bad values raise :class:`ALGMConfigError`, which names the field.
 
     Comparison and ablation modes (the paper's Tables 1, 5 and 6):
         local_method: the module at ``local_layer``: "clap" (ALGM) or "gbm" (global merging there, with
@@ -110,38 +123,43 @@ class ALGMConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_threshold", parse_rule(self.local_threshold, "local_threshold"))
         object.__setattr__(self, "global_threshold", parse_rule(self.global_threshold, "global_threshold"))
-        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else (self.window, self.window)
-        if len(window) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) for k in window):
-            raise ValueError(f"window must be two ints (rows, cols), got {self.window!r}")
+        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else None
+        if window is None or len(window) != 2 or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                         for k in window):
+            raise ALGMConfigError("window", f"window must be two ints (rows, cols), got {self.window!r}")
         if min(window) < 1 or window[0] * window[1] < 2:
-            raise ValueError(f"window must be positive and cover at least 2 cells, got {self.window!r}")
+            raise ALGMConfigError("window", f"window must be positive and cover at least 2 cells, got {self.window!r}")
         object.__setattr__(self, "window", window)
         for name in ("local_layer", "global_layer"):
             layer = getattr(self, name)
             if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 1):
-                raise ValueError(f"{name} must be a 1-based layer number >= 1 or None, got {layer!r}")
+                raise ALGMConfigError(name, f"{name} must be a 1-based layer number >= 1 or None, got {layer!r}")
         if self.local_active and self.global_active and self.global_layer < self.local_layer:
-            raise ValueError(
+            raise ALGMConfigError(
+                "global_layer",
                 f"global_layer ({self.global_layer}) must not come before local_layer ({self.local_layer}): "
                 "CLAP needs the full grid"
             )
         if self.batch_policy not in BATCH_POLICIES:
-            raise ValueError(f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+            raise ALGMConfigError("batch_policy",
+                                  f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
         for name in ("prop_attn", "reduce_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ALGMConfigError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.local_method not in LOCAL_METHODS:
-            raise ValueError(f"local_method must be one of {LOCAL_METHODS}, got {self.local_method!r}")
+            raise ALGMConfigError("local_method",
+                                  f"local_method must be one of {LOCAL_METHODS}, got {self.local_method!r}")
         if self.merge_value not in MERGE_VALUES:
-            raise ValueError(f"merge_value must be one of {MERGE_VALUES}, got {self.merge_value!r}")
+            raise ALGMConfigError("merge_value", f"merge_value must be one of {MERGE_VALUES}, got {self.merge_value!r}")
         if not isinstance(self.tome_r, int) or isinstance(self.tome_r, bool) or self.tome_r < 0:
-            raise ValueError(f"tome_r must be a non-negative int, got {self.tome_r!r}")
+            raise ALGMConfigError("tome_r", f"tome_r must be a non-negative int, got {self.tome_r!r}")
         layers = tuple(self.tome_layers) if isinstance(self.tome_layers, (list, tuple)) else None
         if layers is None or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in layers):
-            raise ValueError(f"tome_layers must be 1-based layer numbers (empty: every layer), got {self.tome_layers!r}")
+            raise ALGMConfigError("tome_layers", "tome_layers must be 1-based layer numbers (empty: every layer), "
+                                                 f"got {self.tome_layers!r}")
         object.__setattr__(self, "tome_layers", tuple(sorted(set(layers))))
         if self.tome_active and (self.local_active or self.global_active):
-            raise ValueError(f"tome_r ({self.tome_r}): ToMe replaces CLAP and GBM; switch them off "
+            raise ALGMConfigError("tome_r", f"tome_r ({self.tome_r}): ToMe replaces CLAP and GBM; switch them off "
                              "(local_layer and global_layer None)")
 
     @property
@@ -184,13 +202,15 @@ class ALGMConfig:
         return bool(self.stages_at(layer))
 
     def check_depth(self, depth: int) -> None:
-        """Raise ValueError if an active stage's layer does not exist in a model of ``depth`` blocks."""
+        """Raise :class:`ALGMConfigError` if an active stage's layer does not exist in a model of ``depth`` blocks."""
         for name, active in (("local_layer", self.local_active), ("global_layer", self.global_active)):
             layer = getattr(self, name)
             if active and layer > depth:
-                raise ValueError(f"{name}={layer} is out of range for a model with {depth} blocks (1..{depth})")
+                raise ALGMConfigError(name, f"{name}={layer} is out of range for a model with {depth} blocks "
+                                            f"(1..{depth})")
         if self.tome_active and self.tome_layers and self.tome_layers[-1] > depth:
-            raise ValueError(f"tome_layers={list(self.tome_layers)} reach past a model with {depth} blocks (1..{depth})")
+            raise ALGMConfigError("tome_layers", f"tome_layers={list(self.tome_layers)} reach past a model with "
+                                                 f"{depth} blocks (1..{depth})")
 
 
 OFF = ALGMConfig(local_layer=None, global_layer=None)

@@ -4,10 +4,8 @@ Every model is built from sizes, never downloaded; released weights load afterwa
 """
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
-import logging
 from typing import Any, Dict
 
 from timm.layers import trunc_normal_
@@ -17,6 +15,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ...merge import OFF, ALGMConfig
+from ...merge.calibration import read_layer_thresholds
+from ...merge.config import ALGMConfigError
 from ..heads.segmenter_heads import init_segmenter_weights
 
 logger = logging.getLogger(__name__)
@@ -70,30 +70,32 @@ def build_segmenter_vit(*, img_size: int, patch_size: int = 16, embed_dim: int, 
 
 
 
+# ALGMConfig field -> its MODEL.ALGM key (CALIBRATION_FILE and ENABLED are read by the translator itself)
+ALGM_KEYS: Dict[str, str] = {
+    "local_layer": "LOCAL_LAYER", "global_layer": "GLOBAL_LAYER", "window": "WINDOW",
+    "local_threshold": "LOCAL_THRESHOLD", "global_threshold": "GLOBAL_THRESHOLD", "batch_policy": "BATCH_POLICY",
+    "prop_attn": "PROP_ATTN", "local_method": "LOCAL_METHOD", "tome_r": "TOME_R", "tome_layers": "TOME_LAYERS",
+    "merge_value": "MERGE_VALUE", "reduce_tokens": "REDUCE_TOKENS"}
+
+
 def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
-    """MODEL.ALGM → ALGMConfig (``OFF`` unless ENABLED); a bad value raises ValueError naming the key."""
+    """MODEL.ALGM → ALGMConfig (``OFF`` unless ENABLED): the one translation of the config's ALGM keys; a bad value
+    raises ValueError naming the key. Everything else reads the built model's ``algm``."""
     node = cfg.MODEL.ALGM
     if not node.ENABLED:
         return OFF
-    fields = {"local_layer": "LOCAL_LAYER", "global_layer": "GLOBAL_LAYER", "window": "WINDOW",
-              "local_threshold": "LOCAL_THRESHOLD", "global_threshold": "GLOBAL_THRESHOLD",
-              "batch_policy": "BATCH_POLICY", "prop_attn": "PROP_ATTN", "local_method": "LOCAL_METHOD",
-              "tome_r": "TOME_R", "tome_layers": "TOME_LAYERS", "merge_value": "MERGE_VALUE",
-              "reduce_tokens": "REDUCE_TOKENS"}
-    values = {name: node[key] for name, key in fields.items()}
-    values["window"] = tuple(values["window"])
-    sources = {stage: f"MODEL.ALGM.{fields[stage + '_threshold']}" for stage in ("local", "global")}
+    values = {name: node[key] for name, key in ALGM_KEYS.items()}
+    values["window"] = tuple(values["window"]) if isinstance(values["window"], (list, tuple)) else values["window"]
     values["tome_layers"] = tuple(values["tome_layers"])
+    sources = {stage: f"MODEL.ALGM.{ALGM_KEYS[stage + '_threshold']}" for stage in ("local", "global")}
     if node.CALIBRATION_FILE:
         calibrated = calibrated_thresholds(node.CALIBRATION_FILE, values)
         values.update(calibrated)
         sources.update({name.split("_")[0]: f"calibrated, {node.CALIBRATION_FILE}" for name in calibrated})
     try:
         algm = ALGMConfig(**values)
-    except ValueError as err:
-        field = str(err).split(" ")[0].rstrip(":")
-        key = fields.get(field)
-        raise ValueError(f"MODEL.ALGM.{key}: {err}" if key else f"MODEL.ALGM: {err}") from None
+    except ALGMConfigError as err:
+        raise ValueError(f"MODEL.ALGM.{ALGM_KEYS[err.field]}: {err}") from None
     for stage in ("local", "global"):
         rule = getattr(algm, f"{stage}_threshold")
         if getattr(algm, f"{stage}_active") and isinstance(rule, float) and rule >= 1.0:
@@ -109,19 +111,18 @@ def algm_config_from_cfg(cfg) -> ALGMConfig:  # noqa: ANN001 - a CfgNode
 def calibrated_thresholds(path: str, values: Dict[str, Any]) -> Dict[str, float]:
     """τ = μ + σ from a calibration JSON for each stage whose rule is a float; rules given as strings are kept."""
     try:
-        with open(path) as f:
-            layers = json.load(f)["layers"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: cannot read per-layer thresholds from {path}: {err}") from None
+        layers = read_layer_thresholds(path)
+    except ValueError as err:
+        raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {err}") from None
     updates = {}
     for stage in ("local", "global"):
         layer, rule = values[f"{stage}_layer"], values[f"{stage}_threshold"]
         if layer is None or not isinstance(rule, (int, float)) or isinstance(rule, bool):
             continue
-        if str(layer) not in layers:
+        if layer not in layers:
             raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {path} has no threshold for layer {layer} "
                              f"(it has layers {sorted(layers)})")
-        threshold = float(layers[str(layer)]["threshold"])
+        threshold = layers[layer]
         if threshold >= 1.0:
             raise ValueError(f"MODEL.ALGM.CALIBRATION_FILE: {path} gives layer {layer} the threshold {threshold:.4f} "
                              "(mean + std of its token similarities) >= 1, above every cosine similarity: that stage "

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from torch import Tensor
 
 from ...merge import ALGMConfig, MergeState
+from ..merged_tokens import patches_to_grid
 from .algm_vit import ALGMViT
 
 
@@ -29,10 +30,7 @@ class Tap:
 
     def grid(self, patches: Optional[Tensor] = None) -> Tensor:
         """``patches`` (default: this tap's; any per-token features ``[B, T - P, D]``) unmerged to ``[B, D, h, w]``."""
-        patches = self.patches if patches is None else patches
-        cells = self.state.unmerge_patches(patches) if self.state.merged else patches
-        h, w = self.state.grid_size
-        return cells.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], h, w)
+        return patches_to_grid(self.patches if patches is None else patches, self.state)
 
 
 def check_taps(layers: Sequence[int], depth: int, key: str) -> Tuple[int, ...]:

@@ -5,8 +5,9 @@ post-norm transformer decoder whose cross-attention reads that layer's (projecte
 head-averaged pre-softmax attention logits of its last layer are the per-token mask logits, summed over the layers.
 
 With ALGM the decoder attends to the merged tokens with the key bias log(size) (a merged token weighs as its
-members would), and only the per-token masks are unmerged to the patch grid (one gather per layer) after the
-decoder: for tokens that equal their members this is exactly the attention to the unmerged grid.
+members would; the decoder's design, whatever the encoder's ``prop_attn``), and only the per-token masks are
+unmerged to the patch grid (one gather per layer) after the decoder: for tokens that equal their members this is
+exactly the attention to the unmerged grid.
 
 Module names are the release's (zbwxp/SegVit ``ATMHead``: ``input_proj_i``, ``proj_norm_i``,
 ``decoder_i.layers.j.{self_attn, multihead_attn.{q,k,v,proj}, linear1, linear2, norm1..3}``, ``q``,
@@ -22,9 +23,9 @@ from torch import Tensor, nn
 
 from ...merge.state import attention_dtype
 from ..backbone.taps import Tap
+from ..merged_tokens import patch_key_bias
 from ..mask2former.criterion import Target, class_weights_with_no_object, mean_num_masks
 from ..registry import SEM_SEG_HEAD_REGISTRY
-from .segmenter_heads import patch_key_bias
 
 
 class ATMCrossAttention(nn.Module):

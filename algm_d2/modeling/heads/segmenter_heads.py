@@ -1,5 +1,8 @@
 """Segmenter's decoders on (merged) patch tokens; both unmerge their per-token outputs back to the grid.
 
+The network passes its ``ALGMConfig.prop_attn`` to ``forward``: with it the mask transformer's attention adds
+log(size) to each merged key's logits, as the encoder's blocks do.
+
 Key names follow the Segmenter release (``decoder.blocks.i.*``, ``cls_emb``, ``proj_dec``, ``proj_patch``,
 ``proj_classes``, ``decoder_norm``, ``mask_norm``; ``head`` for the linear decoder) so its checkpoints load as is.
 """
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from ...merge import MergeState
 from ...merge.packing import PackedLayout
 from ...merge.state import attention_dtype
+from ..merged_tokens import patch_key_bias, patches_to_grid
 from ..ops.packed_layout import build_layout
 from ..ops.varlen_attention import packed_attention_residual
 from ..registry import SEM_SEG_HEAD_REGISTRY
@@ -31,12 +35,6 @@ def init_segmenter_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def patch_key_bias(state: MergeState, prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
-    """Key bias ``[B, 1, 1, T - P]`` of the merged patch tokens (prefix dropped), or None when not needed."""
-    bias = state.attention_bias(prop_attn, dtype)
-    return None if bias is None else bias[..., state.num_prefix:]
-
-
 @SEM_SEG_HEAD_REGISTRY.register()
 class MaskTransformer(nn.Module):
     """Segmenter's mask transformer: class embeddings attend jointly with the patch tokens; masks are cosine
@@ -49,11 +47,10 @@ class MaskTransformer(nn.Module):
 
     def __init__(self, *, num_classes: int, encoder_dim: int, dim: int, depth: int = 2, num_heads: int = 0,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, drop_path_rate: float = 0.0,
-                 prop_attn: bool = False, packed_attention: bool = True) -> None:
+                 packed_attention: bool = True) -> None:
         super().__init__()
         num_heads = num_heads or dim // 64
         self.num_classes = num_classes
-        self.prop_attn = prop_attn
         self.packed_attention = packed_attention
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
@@ -76,14 +73,15 @@ class MaskTransformer(nn.Module):
         head = cfg.MODEL.SEM_SEG_HEAD
         dim = head.HIDDEN_DIM or encoder_dim
         return cls(num_classes=head.NUM_CLASSES, encoder_dim=encoder_dim, dim=dim, depth=head.NUM_LAYERS,
-                   num_heads=head.NUM_HEADS, dropout=head.DROPOUT, drop_path_rate=head.DROP_PATH_RATE,
-                   prop_attn=cfg.MODEL.ALGM.PROP_ATTN)
+                   num_heads=head.NUM_HEADS, dropout=head.DROPOUT, drop_path_rate=head.DROP_PATH_RATE)
 
-    def forward(self, patches: Tensor, state: MergeState) -> Tensor:
-        """Merged patch tokens ``[B, N', C]`` → class masks on the patch grid ``[B, K, h, w]``."""
+    def forward(self, patches: Tensor, state: MergeState, *, prop_attn: bool = False) -> Tensor:
+        """Merged patch tokens ``[B, N', C]`` → class masks on the patch grid ``[B, K, h, w]``; ``prop_attn``: the
+        network's ``ALGMConfig.prop_attn``."""
         x = self.proj_dec(patches)
         classes = self.cls_emb.expand(x.shape[0], -1, -1)
-        layout = self._packed_layout(state)
+        # the variable-length kernels take no key bias: proportional attention runs padded
+        layout = None if prop_attn else self._packed_layout(state)
         if layout is not None:
             # class tokens first, so that each image's valid tokens lead its row (the decoder has no positions:
             # the order changes nothing but the order of the sums)
@@ -95,7 +93,7 @@ class MaskTransformer(nn.Module):
             patch_x, class_x = x[:, self.num_classes:], x[:, :self.num_classes]
         else:
             x = torch.cat([x, classes], dim=1)
-            bias = patch_key_bias(state, self.prop_attn, attention_dtype(x))
+            bias = patch_key_bias(state, prop_attn, attention_dtype(x))
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], self.num_classes)], dim=-1)
             for block in self.blocks:
@@ -107,12 +105,12 @@ class MaskTransformer(nn.Module):
         patch_feat = patch_feat / patch_feat.norm(dim=-1, keepdim=True)
         class_feat = class_feat / class_feat.norm(dim=-1, keepdim=True)
         masks = self.mask_norm(patch_feat @ class_feat.transpose(1, 2))
-        return _to_grid(state.unmerge_patches(masks), state)
+        return patches_to_grid(masks, state)
 
     def _packed_layout(self, state: MergeState) -> Optional[PackedLayout]:
         """Layout of ``[class tokens, valid patch tokens]`` per image for a padded per-image batch in inference
-        without proportional attention (the variable-length kernels take no key bias), else None."""
-        if not (self.packed_attention and not self.training and not self.prop_attn and state.padded
+        (asked only without proportional attention), else None."""
+        if not (self.packed_attention and not self.training and state.padded
                 and state.total_tokens is not None):
             return None
         batch, seq_len = state.sizes.shape
@@ -134,11 +132,6 @@ class LinearDecoder(nn.Module):
     def from_config(cls, cfg, encoder_dim: int) -> "LinearDecoder":  # noqa: ANN001 - a CfgNode
         return cls(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, encoder_dim=encoder_dim)
 
-    def forward(self, patches: Tensor, state: MergeState) -> Tensor:
-        return _to_grid(state.unmerge_patches(self.head(patches)), state)
-
-
-def _to_grid(per_cell: Tensor, state: MergeState) -> Tensor:
-    """``[B, h*w, K]`` → ``[B, K, h, w]``."""
-    h, w = state.grid_size
-    return per_cell.transpose(1, 2).reshape(per_cell.shape[0], per_cell.shape[-1], h, w)
+    def forward(self, patches: Tensor, state: MergeState, *, prop_attn: bool = False) -> Tensor:
+        """``prop_attn`` is taken for the decoders' common call and changes nothing: no attention here."""
+        return patches_to_grid(self.head(patches), state)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...merge import MergeState
+from ..merged_tokens import patch_key_bias, patches_to_grid
 from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEAD_REGISTRY, TRANSFORMER_DECODER_REGISTRY
 from .layers import EmbeddingTable, MaskedDecoderLayer, PredictionHeads, sine_position_encoding, sine_position_map
 
@@ -115,9 +116,10 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
     """Plain-ViT Mask2Former decoder on ALGM's merged tokens: a Mask2Former head that unmerges after the decoder.
 
     Keys/values of the cross-attention are the merged patch tokens (projected to ``hidden_dim``) with the additive
-    key bias log(size) — a merged token weighs as its members would — and sine positions at their mean grid
-    positions. Masks are per token (``mask_embed(query) · mask_proj(token)``), used for the masked attention and
-    unmerged to the patch grid (one gather) for the outputs and the loss.
+    key bias log(size) — a merged token weighs as its members would, exactly the attention to the unmerged grid (the
+    decoder's design, whatever the encoder's ``prop_attn``) — and sine positions at their mean grid positions. Masks
+    are per token (``mask_embed(query) · mask_proj(token)``), used for the masked attention and unmerged to the
+    patch grid (one gather) for the outputs and the loss.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
@@ -160,9 +162,9 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
         key_pos = sine_position_encoding(state.positions[:, p:], (h, w), memory.shape[-1] // 2).to(memory.dtype)
         key_pos = key_pos.transpose(0, 1)
         mask_features = self.mask_proj(tokens)
-        sizes = state.sizes[:, p:].to(memory.dtype)
-        # log(size): a merged token counts as its members; padding slots (size 0) get -inf.
-        key_bias = sizes.log()[:, None, :].expand(-1, self.query_feat.num_embeddings, -1)
+        bias = patch_key_bias(state, True, memory.dtype)  # log(size); padding slots (size 0) get -inf
+        key_bias = (memory.new_zeros(b, 1, tokens.shape[1]) if bias is None else bias[:, 0]).expand(
+            -1, self.query_feat.num_embeddings, -1)
         queries = self.query_feat()[:, None].repeat(1, b, 1)
         query_pos = self.query_embed()[:, None].repeat(1, b, 1)
         logits, masks, bias = self._predict(queries, mask_features, key_bias)
@@ -172,14 +174,8 @@ class MergedTokenMaskedTransformerDecoder(nn.Module):
             logits, masks, bias = self._predict(queries, mask_features, key_bias)
             all_logits.append(logits)
             all_masks.append(masks)
-        grids = [self.unmerge_masks(m, state) for m in all_masks]
+        # per-token mask logits [B, Q, T-P] unmerged to the patch grid [B, Q, H, W]
+        grids = [patches_to_grid(m.transpose(1, 2), state) for m in all_masks]
         return _predictions(all_logits, grids)
-
-    @staticmethod
-    def unmerge_masks(masks: Tensor, state: MergeState) -> Tensor:
-        """Per-token mask logits ``[B, Q, T-P]`` → the patch grid ``[B, Q, H, W]`` (each cell its slot's logit)."""
-        h, w = state.grid_size
-        grid = state.unmerge_patches(masks.transpose(1, 2))  # [B, H*W, Q]
-        return grid.transpose(1, 2).reshape(masks.shape[0], masks.shape[1], h, w)
 
 

@@ -93,8 +93,9 @@ class Mask2Former(MaskClassificationNet):
 class MergedTokenMask2Former(MaskClassificationNet):
     """Plain ViT with ALGM → masked-attention decoder cross-attending to the merged tokens → unmerge the mask logits.
 
-    No adapter and no pixel decoder: the decoder reads the merged tokens (log-size key bias, so a merged token weighs
-    as its members), predicts per-token mask logits, and only its output masks are unmerged to the patch grid.
+    No adapter and no pixel decoder: the decoder reads the merged tokens (with a log-size key bias, so a merged token
+    weighs as its members), predicts per-token mask logits, and only its output masks are unmerged to the patch
+    grid.
     """
 
     def __init__(self, *, backbone: ALGMViT, decoder: nn.Module, criterion: SetCriterion, num_classes: int,

@@ -11,9 +11,8 @@ from typing import Any, Dict, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...merge import ALGMConfig, MergeState
+from ...merge import MergeState
 from ..backbone.algm_vit import ALGMViT
-from ..heads.segmenter_heads import MaskTransformer
 from ..ops.attention_kernels import dynamic_length_attention
 from ..inputs import check_image_batch
 from ..ops.upsample_argmax import upsample_argmax, upsample_bilinear
@@ -64,16 +63,11 @@ class Segmenter(MergingNetwork, nn.Module):
         """The encoder under detectron2's name (the release calls it ``encoder``)."""
         return self.encoder
 
-    def set_algm(self, config: ALGMConfig) -> None:
-        super().set_algm(config)
-        if isinstance(self.decoder, MaskTransformer):
-            self.decoder.prop_attn = config.prop_attn
-
     def _patch_logits(self, padded: Tensor) -> Tensor:
         tokens, state = self.encoder(padded)
         self._last_state = state
         with dynamic_length_attention(state.merged and self.algm.data_dependent):
-            return self.decoder(tokens[:, state.num_prefix:], state)
+            return self.decoder(tokens[:, state.num_prefix:], state, prop_attn=self.algm.prop_attn)
 
     def forward(self, images: Tensor) -> Tensor:
         check_image_batch(images)

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...merge import ALGMConfig
 from ..inputs import check_batched_inputs
 from ..ops.upsample_argmax import upsample_argmax
 from ..registry import META_ARCH_REGISTRY
+from .merging import MergeStats, combined_merge_stats
 
 TEST_MODES = ("whole", "slide")
 SMALL_IMAGE_RULES = ("upsample", "pad")
@@ -76,7 +78,7 @@ class SemanticSegmentor(nn.Module):
         self.softmax_views = softmax_views
         self.small_image = small_image
         self.fused_labels = fused_labels
-        self._forward_stats: List[Dict[str, Any]] = []
+        self._forward_stats: List[MergeStats] = []
 
     @classmethod
     def from_config(cls, cfg) -> "SemanticSegmentor":  # noqa: ANN001 - a CfgNode
@@ -213,13 +215,12 @@ class SemanticSegmentor(nn.Module):
         return total / count
 
     @property
-    def merge_stats(self) -> Dict[str, Any]:
-        """Token counts of every network forward of the last call, concatenated over crops/images:
-        ``tokens_per_layer`` (per block, one int per crop), ``initial_tokens``, ``num_prefix``."""
-        if not self._forward_stats:
-            return {"tokens_per_layer": [], "initial_tokens": 0, "num_prefix": 0}
-        per_layer = [sum((s["tokens_per_layer"][i] for s in self._forward_stats), [])
-                     for i in range(len(self._forward_stats[0]["tokens_per_layer"]))]
-        first = self._forward_stats[0]
-        return {"tokens_per_layer": per_layer, "initial_tokens": first["initial_tokens"],
-                "num_prefix": first["num_prefix"]}
+    def algm(self) -> ALGMConfig:
+        """The network's merging (its backbone's ``ALGMConfig``)."""
+        return self.net.algm
+
+    @property
+    def merge_stats(self) -> MergeStats:
+        """Token counts of every network forward of the last call, concatenated over crops/images
+        (:class:`MergeStats`; one int per crop)."""
+        return combined_merge_stats(self._forward_stats)
