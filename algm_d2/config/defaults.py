@@ -32,8 +32,8 @@ def add_algm_config(cfg: CN) -> None:
     # "min": every image merges the batch-minimum count (the release; use for training). "per_image": each
     # image merges all its groups above τ (inference; batches are padded).
     cfg.MODEL.ALGM.BATCH_POLICY = "min"
-    # Proportional attention (ToMe): add log(size) to each merged key's logits, in the encoder and in every decoder
-    # that reads merged tokens (the network passes it on; set_algm changes it). Off in the release.
+    # Proportional attention (ToMe): add log(size) to each merged key's logits in the encoder and Segmenter's mask
+    # transformer (the decoders built for merged tokens always weigh them by size). Off in the release.
     cfg.MODEL.ALGM.PROP_ATTN = False
     # Optional JSON file written by tools/calibrate_thresholds.py; when set, its per-layer τ = μ + σ replaces the
     # float thresholds above (rules given as strings are kept).
