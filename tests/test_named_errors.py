@@ -20,7 +20,7 @@ from algm_d2.engine.defaults import check_config
 from algm_d2.modeling import SemanticSegmentor
 from algm_d2.modeling.backbone.build import build_timm_vit
 
-from .test_segmenter import variant
+from .modeling.test_segmenter import variant
 
 
 def test_config_files_with_a_base_cycle_or_no_mapping_are_named(tmp_path):

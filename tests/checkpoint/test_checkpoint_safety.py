@@ -12,9 +12,9 @@ import torch
 
 from algm_d2.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError, load_checked, read_state_dict
 from algm_d2.engine import IncompleteCheckpointError, eval_weights, lr_factor
-from algm_d2.engine import checkpoint as checkpoint_module
+from algm_d2.engine import training_checkpoints as checkpoint_module
 
-from .test_engine_trainer import StandInTrainer, make_cfg, process_group  # noqa: F401 - the fixture is used
+from ..engine.test_engine_trainer import StandInTrainer, make_cfg, process_group  # noqa: F401 - the fixture is used
 
 
 class WritesAFile:

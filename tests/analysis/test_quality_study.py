@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "demo_quality_study.py"
 SETTINGS = ["plain", "ALGM training-free (release rules)", "ALGM calibrated τ = μ + σ",
             "ALGM fine-tuned (release rules)"]

@@ -17,7 +17,7 @@ from algm_d2.merge import ALGMConfig
 from algm_d2.modeling import SemanticSegmentor
 from algm_d2.modeling.ops.attention_kernels import dynamic_length_attention
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def segmenter(algm: ALGMConfig, classes: int = 5):

@@ -9,7 +9,7 @@ from algm_d2.config import get_cfg
 from algm_d2.modeling import algm_config_from_cfg, build_model
 from algm_d2.merge import FixedLevel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # configs/detectron2 holds detectron2 + Mask2Former configs (loaded by tests/d2 with detectron2's config)
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
                  if "detectron2" not in p.relative_to(ROOT / "configs").parts[:1])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from algm_d2.modeling.ops.upsample_argmax import _suggests_channels_last, upsample_argmax, upsample_argmax_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (B, K, h, w, H, W): integer and non-integer upsampling, downsampling, mixed, one class
 SHAPES = [(3, 5, 4, 6, 16, 24), (2, 3, 5, 7, 13, 9), (2, 4, 6, 6, 4, 3), (2, 6, 5, 3, 3, 11), (1, 1, 3, 3, 7, 7)]

@@ -15,7 +15,7 @@ import torch
 
 from algm_d2.engine.launch import find_free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ["--config-file", str(ROOT / "configs/demo/segmenter_tiny_algm.yaml")]
 SMALL = ["MODEL.BACKBONE.EMBED_DIM", "64", "MODEL.BACKBONE.DEPTH", "4", "MODEL.BACKBONE.NUM_HEADS", "2",
          "MODEL.ALGM.GLOBAL_LAYER", "3", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.LOG_PERIOD", "1",

@@ -11,7 +11,7 @@ import numpy as np
 
 from algm_d2.config import get_cfg
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_image(path: Path, image: np.ndarray) -> Path:

@@ -87,7 +87,7 @@ def test_cuda_varlen_kernels_equal_attention_per_image(dtype):
 def run_interpreted(script: str) -> None:
     """Run ``script`` in a fresh process under Triton's interpreter (set before triton is imported); it prints "ok"."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
 
 

@@ -15,7 +15,7 @@ import torch
 
 from algm_d2.modeling.ops import MSDeformAttn, ms_deform_attn_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def loop_reference(value, shapes, locations, weights):

@@ -25,7 +25,7 @@ from algm_d2.evaluation import count_gflops
 from algm_d2.merge import OFF, ALGMConfig
 from algm_d2.modeling import algm_config_from_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs/demo/segmenter_tiny_algm.yaml")
 DATASET = "analysis_tools_demo_val"
 SIZE = 96  # a 6x6 patch grid: 4x4 windows leave border cells

@@ -18,11 +18,11 @@ from torch import nn
 from algm_d2.checkpoint import load_model_weights
 from algm_d2.config import get_cfg
 from algm_d2.engine import IncompleteCheckpointError, Trainer, eval_weights, last_checkpoint, verify_checkpoint
-from algm_d2.engine import checkpoint as checkpoint_module
+from algm_d2.engine import training_checkpoints as checkpoint_module
 from algm_d2.engine.defaults import seed_everything
 from algm_d2.engine.launch import find_free_port, init_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class StandInSegmentor(nn.Module):

@@ -22,8 +22,8 @@ from algm_d2.modeling.mask2former import (
 from algm_d2.modeling.mask2former.layers import AttentionWithPos
 from algm_d2.modeling.meta_arch.mask2former import Mask2Former
 
-ROOT = Path(__file__).resolve().parents[1]
-TABLE = ROOT / "tests/data/eva01_ade_m2f_state_dict_shapes.tsv"
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = ROOT / "tests/fixtures/eva01_ade_m2f_state_dict_shapes.tsv"
 
 
 def eva_cfg(name: str = "configs/demo/eva_tiny.yaml", *opts: str):

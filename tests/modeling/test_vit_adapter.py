@@ -222,13 +222,13 @@ def test_networks_that_decode_vit_tokens_reject_the_adapter_by_its_config_key():
     from algm_d2.modeling.meta_arch.segmenter import Segmenter
 
     cfg = get_cfg()
-    cfg.merge_from_file(str(Path(__file__).resolve().parents[1] / "configs/demo/eva_tiny.yaml"))
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[2] / "configs/demo/eva_tiny.yaml"))
     for network in (Segmenter, MergedTokenMask2Former):
         with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME: .*'ViTAdapter'"):
             network.from_config(cfg)
 
 
-REFERENCE = Path(__file__).resolve().parent / "data" / "vit_adapter_reference.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "vit_adapter_reference.json"
 REFERENCE_MERGING = ALGMConfig(local_layer=1, global_layer=3, local_threshold=FixedLevel(fraction=0.5),
                                global_threshold=FixedLevel(fraction=0.3))
 
@@ -252,7 +252,7 @@ def reference_fingerprints() -> dict:
 
 def test_adapter_outputs_match_the_stored_fingerprints():
     """The tiny adapters (EVA-01; EVA-02 with RoPE), at the pretraining grid and another, unmerged and merging, give
-    the pyramid recorded in tests/data (rewrite it with ``python tests/test_vit_adapter.py`` only for an intended
+    the pyramid recorded in tests/fixtures (rewrite it with ``python -m tests.modeling.test_vit_adapter`` only for an intended
     change of outputs)."""
     stored = json.loads(REFERENCE.read_text())
     got = reference_fingerprints()

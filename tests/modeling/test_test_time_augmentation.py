@@ -14,7 +14,7 @@ from torch import nn
 from algm_d2.config import get_cfg
 from algm_d2.modeling import SemanticSegmentor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 

@@ -226,7 +226,7 @@ def test_out_indices_must_match_the_decoders():
 
 
 def test_benchmark_tool_times_a_network_from_its_config_plain_and_with_algm(tmp_path):
-    from .test_tools import load_tool
+    from ..test_tools import load_tool
 
     load_tool("benchmark").main(["--config-file", "configs/demo/segvit_tiny.yaml", "--image-size", "64",
                                  "--batch-size", "2", "--num-images", "2", "--precision", "fp32", "--warmup", "1",

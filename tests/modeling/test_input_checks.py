@@ -18,7 +18,7 @@ from algm_d2.engine import evaluate
 from algm_d2.modeling import SemanticSegmentor
 from algm_d2.modeling.backbone.build import algm_config_from_cfg
 
-from .test_data_helpers import demo_cfg, make_pairs, unique_name
+from ..data.test_data_helpers import demo_cfg, make_pairs, unique_name
 from .test_segmenter import variant
 
 NUM_CLASSES = 3
