@@ -289,7 +289,9 @@ CHEAP_TOOLS = [(where, command) for where, command in by_kind("tool") if "--devi
 def test_cheap_tool_commands_run(tmp_path, monkeypatch, where, command):
     _, program, argv = classify(command)
     if program != "tools/benchmark_eva.py":
-        pytest.skip(f"{program} runs on the CPU in tests/test_tools.py")
+        where_tested = ("tests/analysis/test_quality_study.py" if program == "tools/demo_quality_study.py"
+                        else "tests/test_tools.py")
+        pytest.skip(f"{program} runs on the CPU in {where_tested}")
     monkeypatch.chdir(tmp_path)  # the tool writes its report into the current directory
     load_program(ROOT / program).main([*(a if not a.startswith("configs/") else str(ROOT / a)
                                          for a in concrete_argv(argv)), *SHORT_TOOL["benchmark_eva.py"]])
