@@ -153,7 +153,7 @@ def test_thresholds_are_logged_and_an_explicit_one_above_one_is_warned(tmp_path,
 def test_calibration_tool_names_its_pairs_and_warns_of_thresholds_that_merge_nothing(tmp_path, monkeypatch, caplog):
     import importlib.util
 
-    from algm_d2.modeling import calibration
+    from algm_d2.analysis import calibration
 
     def stand_in(encoder, batches, layers, *, max_images=None, progress=True):  # noqa: ANN001, ANN202
         return {"layers": {str(layer): {"mean": 0.9, "std": 0.147, "threshold": 1.047, "pairs": 12, "images": 1}

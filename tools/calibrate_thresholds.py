@@ -39,13 +39,12 @@ def main(argv=None) -> None:  # noqa: ANN001
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     import torch
 
+    from algm_d2.analysis.calibration import calibrate_thresholds, write_calibrated_config
     from algm_d2.checkpoint import load_model_weights
     from algm_d2.config import get_cfg
     from algm_d2.data import build_train_loader
     from algm_d2.evaluation import save_json
     from algm_d2.modeling import build_model
-    from algm_d2.analysis.calibration import write_calibrated_config
-    from algm_d2.modeling.calibration import calibrate_thresholds
 
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)

@@ -316,9 +316,8 @@ def calibrate(args: argparse.Namespace, cfg, model, output_dir: Path) -> Dict[st
     run's config.yaml."""
     import torch
 
-    from algm_d2.analysis.calibration import write_calibrated_config
+    from algm_d2.analysis.calibration import calibrate_thresholds, write_calibrated_config
     from algm_d2.data import build_train_loader
-    from algm_d2.modeling.calibration import calibrate_thresholds
 
     loader = build_train_loader(cfg, total_batch_size=min(32, args.batch_size), rank=0, world_size=1)
     batches = (torch.stack([model._normalize(item["image"]) for item in batch])  # noqa: SLF001 - its normalization

@@ -4,7 +4,7 @@ Imports torch only. Integration with models lives in ``algm_d2.modeling``.
 """
 from __future__ import annotations
 
-from .calibration import CosineSimilarityStats, ThresholdCalibrator
+from .thresholds import CosineSimilarityStats, ThresholdCalibrator
 from .clap import local_merge, window_similarity
 from .config import OFF, ALGMConfig, FixedLevel, parse_rule
 from .gbm import global_merge

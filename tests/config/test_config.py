@@ -111,7 +111,7 @@ def test_the_calibration_file_reads_back_what_the_calibrator_wrote(tmp_path):
 
     from algm_d2.evaluation import save_json
     from algm_d2.merge import ThresholdCalibrator
-    from algm_d2.merge.calibration import read_layer_thresholds
+    from algm_d2.merge.thresholds import read_layer_thresholds
 
     calibrator = ThresholdCalibrator([1, 5])
     for layer in (1, 5):

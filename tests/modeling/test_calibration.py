@@ -1,4 +1,4 @@
-"""The paper's τ = μ + σ calibration over a model's tokens (algm_d2.modeling.calibration)."""
+"""The paper's τ = μ + σ calibration over a model's tokens (algm_d2.analysis.calibration)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import timm
 import torch
 
 from algm_d2 import ALGMConfig, apply_algm
-from algm_d2.modeling.calibration import calibrate_thresholds
+from algm_d2.analysis.calibration import calibrate_thresholds
 
 
 def test_calibration_gives_json_thresholds():

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ...merge import OFF, ALGMConfig
-from ...merge.calibration import read_layer_thresholds
+from ...merge.thresholds import read_layer_thresholds
 from ...merge.config import ALGMConfigError
 from ..heads.segmenter_heads import init_segmenter_weights
 
