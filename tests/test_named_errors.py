@@ -17,7 +17,7 @@ from algm_d2.data.readers import read_sem_seg
 from algm_d2.engine import IncompleteCheckpointError, last_checkpoint
 from algm_d2.engine.training_checkpoints import atomic_write
 from algm_d2.engine.defaults import check_config
-from algm_d2.modeling import SemanticSegmentor
+from algm_d2.modeling import SegmentationModel
 from algm_d2.modeling.backbone.build import build_timm_vit
 
 from .modeling.test_segmenter import variant
@@ -74,9 +74,9 @@ def test_bad_backbone_sizes_are_named(key, value, message):
 
 def test_pixel_statistics_of_the_wrong_length_are_named():
     with pytest.raises(ValueError, match=r"MODEL.PIXEL_MEAN must have 3 values \(R, G, B\), got \[1.0, 2.0\]"):
-        SemanticSegmentor(net=torch.nn.Identity(), pixel_mean=[1.0, 2.0], pixel_std=[1.0, 1.0, 1.0])
+        SegmentationModel(net=torch.nn.Identity(), pixel_mean=[1.0, 2.0], pixel_std=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"MODEL.PIXEL_STD must be > 0"):
-        SemanticSegmentor(net=torch.nn.Identity(), pixel_mean=[1.0, 2.0, 3.0], pixel_std=[1.0, 0.0, 1.0])
+        SegmentationModel(net=torch.nn.Identity(), pixel_mean=[1.0, 2.0, 3.0], pixel_std=[1.0, 0.0, 1.0])
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -11,12 +11,12 @@ from torch import Tensor
 from ..checkpoint import load_model_weights
 from ..config import get_cfg
 from ..data import build_test_loader
-from ..modeling import SemanticSegmentor, build_model
+from ..modeling import SegmentationModel, build_model
 
 logger = logging.getLogger(__name__)
 
 
-def setup_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[object, SemanticSegmentor]:
+def setup_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[object, SegmentationModel]:
     """The config (file + KEY VALUE overrides) and its model in eval mode, MODEL.WEIGHTS loaded when set. A CUDA
     device falls back to the CPU when there is none (logged)."""
     cfg = get_cfg()
@@ -33,7 +33,7 @@ def setup_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[object, Sem
     return cfg, model
 
 
-def labelled_batches(cfg, model: SemanticSegmentor, dataset: str, *, size: Tuple[int, int],  # noqa: ANN001
+def labelled_batches(cfg, model: SegmentationModel, dataset: str, *, size: Tuple[int, int],  # noqa: ANN001
                      batch_size: int = 4, max_images: Optional[int] = None) -> Iterator[Tuple[Tensor, Tensor]]:
     """Normalized images ``[B, 3, H, W]`` and labels ``[B, H, W]`` of ``dataset``, each resized to ``size``
     (bilinear / nearest): the same grid for every image, as the encoder's analyses need."""

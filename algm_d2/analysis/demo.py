@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import SemSegDatasetMapper, build_test_loader, read_image
-from ..modeling import SemanticSegmentor
+from ..modeling import SegmentationModel
 from .visualize import input_multiple, merge_groups, states_after_merges
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -59,7 +59,7 @@ def input_images(cfg, inputs: Sequence[str], *, dataset: str = "", num_images: i
             count += 1
 
 
-def merge_panels(model: SemanticSegmentor, item: Dict[str, Any]
+def merge_panels(model: SegmentationModel, item: Dict[str, Any]
                  ) -> Tuple[np.ndarray, Tuple[int, int], Dict[str, List[List[int]]]]:
     """(the model's input image padded to the patch grid ``[H, W, 3]`` uint8, the grid, {panel title: merged
     groups of grid cells after that layer}) — cumulative: a panel shows every group formed up to its layer."""
@@ -81,7 +81,7 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def segment(model: SemanticSegmentor, item: Dict[str, Any]) -> Tuple[np.ndarray, float, Dict[str, Any]]:
+def segment(model: SegmentationModel, item: Dict[str, Any]) -> Tuple[np.ndarray, float, Dict[str, Any]]:
     """(class ids ``[height, width]`` at the original size, seconds of the forward with a synchronize after it,
     the model's merge statistics of that forward)."""
     synchronize(model.device)

@@ -11,7 +11,7 @@ from ..data import build_test_loader, get_metadata
 from ..engine.eval_loop import count_dataset_gflops, inference_on_dataset
 from ..evaluation import InferenceTimer, MergeStatsAccumulator, SemSegEvaluator
 from ..merge import OFF, ALGMConfig
-from ..modeling import SemanticSegmentor, algm_config_from_cfg
+from ..modeling import SegmentationModel, algm_config_from_cfg
 
 STAGES = ("both", "local", "global")
 
@@ -30,7 +30,7 @@ def with_threshold(config: ALGMConfig, tau: float, stage: str) -> ALGMConfig:
     return dataclasses.replace(config, **changes)
 
 
-def evaluate_setting(cfg, model: SemanticSegmentor, algm: ALGMConfig, dataset: str, *,  # noqa: ANN001
+def evaluate_setting(cfg, model: SegmentationModel, algm: ALGMConfig, dataset: str, *,  # noqa: ANN001
                      flops_images: int) -> Dict[str, Any]:
     """mIoU, images/s, GFLOPs per image and mean patch tokens kept after each layer of ``model`` under ``algm``."""
     model.net.set_algm(algm)
@@ -54,7 +54,7 @@ def algm_star(rows: Sequence[Dict[str, Any]], baseline_miou: float) -> Optional[
     return min(good, key=lambda row: row["tau"]) if good else None
 
 
-def sweep_thresholds(cfg, model: SemanticSegmentor, thresholds: Sequence[float], *,  # noqa: ANN001
+def sweep_thresholds(cfg, model: SegmentationModel, thresholds: Sequence[float], *,  # noqa: ANN001
                      stage: str = "both", dataset: Optional[str] = None, flops_images: int = 0) -> Dict[str, Any]:
     """Evaluate the model without merging, with its configured ALGM, and with each τ (lowest first)."""
     dataset = dataset or cfg.DATASETS.TEST[0]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..merge import MergeState
-from ..modeling import SemanticSegmentor
+from ..modeling import SegmentationModel
 from ..modeling.meta_arch.segmenter import pad_to_multiple
 
 
@@ -16,13 +16,13 @@ def layout(state: MergeState) -> MergeState:
     return state.virtual if state.virtual is not None else state
 
 
-def input_multiple(model: SemanticSegmentor) -> int:
+def input_multiple(model: SegmentationModel) -> int:
     """What the network pads its input to a multiple of: the patch, or Mask2Former's size divisibility."""
     return max(getattr(model.net, "size_divisibility", 0), model.net.backbone.patch_size[0])
 
 
 @torch.no_grad()
-def states_after_merges(model: SemanticSegmentor, image: Tensor) -> Dict[int, MergeState]:
+def states_after_merges(model: SegmentationModel, image: Tensor) -> Dict[int, MergeState]:
     """Run the encoder on one uint8 image ``[3, H, W]`` (normalized and padded as the network does) and return the
     merged layout after each layer where the model's ALGM config merges."""
     encoder = model.net.backbone

@@ -357,7 +357,7 @@ def _test(cfg: CN) -> None:
     cfg.TEST = CN()
     # Evaluate every this many training steps (and at the end); 0 = only at the end.
     cfg.TEST.EVAL_PERIOD = 0
-    # Test-time inference (algm_d2.modeling.SemanticSegmentor).
+    # Test-time inference (algm_d2.modeling.SegmentationModel).
     # "whole": one forward per (resized) image; "slide": the release's sliding window of CROP_SIZE every STRIDE.
     cfg.TEST.MODE = "whole"
     cfg.TEST.CROP_SIZE = 512

@@ -12,12 +12,12 @@ from typing import Dict, Mapping
 
 from torch import Tensor
 
-# algm_d2 prefix -> MaskFormer prefix; "net." (algm_d2's SemanticSegmentor) is removed first.
+# algm_d2 prefix -> MaskFormer prefix; "net." (algm_d2's SegmentationModel) is removed first.
 RENAMES = {"backbone.": "backbone.", "decoder.": "sem_seg_head."}
 
 
 def to_maskformer_layout(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """Keys of algm_d2's ``MergedTokenMask2Former`` (or of its SemanticSegmentor) → those of ``MaskFormer`` with
+    """Keys of algm_d2's ``MergedTokenMask2Former`` (or of its SegmentationModel) → those of ``MaskFormer`` with
     ``build_algm_vit_backbone`` and ``build_merged_token_mask2former_head``; a key of neither raises KeyError."""
     out = {}
     for key, value in state_dict.items():

@@ -3,10 +3,10 @@
 MODEL.META_ARCHITECTURE ``ALGMSegmenter``, ``ALGMMask2Former`` or ``ALGMMergedTokenMask2Former`` builds algm_d2's
 ``Segmenter``, ``Mask2Former`` (EVA + ViT-Adapter + Mask2Former) or ``MergedTokenMask2Former`` from algm_d2's keys
 (MODEL.BACKBONE.NAME and MODEL.SEM_SEG_HEAD.NAME name algm_d2's registered parts here, e.g. "ALGMViT",
-"MaskTransformer") inside :class:`~algm_d2.modeling.SemanticSegmentor`: detectron2's inputs (``"image"`` uint8 RGB,
+"MaskTransformer") inside :class:`~algm_d2.modeling.SegmentationModel`: detectron2's inputs (``"image"`` uint8 RGB,
 ``"sem_seg"`` in training, ``"height"``/``"width"``), the network's own losses, and whole-image or sliding-window
 inference (TEST.MODE, TEST.CROP_SIZE, TEST.STRIDE, TEST.BATCH_SIZE); detectron2's TEST.AUG runs through Mask2Former's
-test-time augmentation. Parameter names are those of algm_d2's SemanticSegmentor (``net.encoder.*``), so
+test-time augmentation. Parameter names are those of algm_d2's SegmentationModel (``net.encoder.*``), so
 detectron2's ``model_final.pth`` loads into algm_d2's ``train_net.py`` and algm_d2's ``model.pth`` into detectron2;
 state dicts in the network's own (released) layout under ``"model"`` (Segmenter's ``checkpoint.pth``:
 ``encoder.*`` / ``decoder.*``; EVA's ``backbone.*`` / ``decode_head.*`` re-saved from mmcv's ``"state_dict"``) load
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checkpoint.segmenter import DROPPED_PREFIXES
 from ..modeling import META_ARCH_REGISTRY as ALGM_META_ARCH_REGISTRY
-from ..modeling import SemanticSegmentor
+from ..modeling import SegmentationModel
 from .backbone import check_input_format, with_pretrained
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def _load_release_layout(module: nn.Module, state_dict: Dict[str, Tensor], prefi
                 f" (dropped {len(dropped)} keys not used for segmentation: {', '.join(dropped)})" if dropped else "")
 
 
-class BridgedSegmentor(SemanticSegmentor):
-    """algm_d2's SemanticSegmentor around the algm_d2 network ``net_name``, built by detectron2 from a config
+class BridgedSegmentor(SegmentationModel):
+    """algm_d2's SegmentationModel around the algm_d2 network ``net_name``, built by detectron2 from a config
     (detectron2's protocol: ``from_config`` returns the constructor's arguments)."""
 
     net_name: ClassVar[str] = ""
@@ -64,7 +64,7 @@ class BridgedSegmentor(SemanticSegmentor):
         check_input_format(cfg)
         net = ALGM_META_ARCH_REGISTRY.get(cls.net_name).from_config(cfg)
         with_pretrained(net.backbone, cfg)
-        return {"net": net, **SemanticSegmentor.config_kwargs(cfg)}  # detectron2's TEST.AUG does scales and flips
+        return {"net": net, **SegmentationModel.config_kwargs(cfg)}  # detectron2's TEST.AUG does scales and flips
 
 
 @META_ARCH_REGISTRY.register()

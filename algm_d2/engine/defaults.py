@@ -83,7 +83,7 @@ def check_config(cfg: CfgNode) -> None:
     ValueError naming the key and the allowed values. Run by setup() and the Trainer."""
     from ..evaluation import FLOP_COUNT_BACKENDS
     from ..modeling.backbone.build import POS_EMBED_INTERPS
-    from ..modeling.meta_arch.semantic_segmentor import SMALL_IMAGE_RULES, TEST_MODES
+    from ..modeling.meta_arch.segmentation_model import SMALL_IMAGE_RULES, TEST_MODES
     choices = {"TEST.PRECISION": (cfg.TEST.PRECISION, PRECISIONS),
                "TEST.FLOPS_BACKEND": (cfg.TEST.FLOPS_BACKEND, FLOP_COUNT_BACKENDS),
                "TEST.MODE": (cfg.TEST.MODE, TEST_MODES),

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-# ViT embeddings (layer 0 for layer decay) and ViT blocks (layer i + 1); parameter names as in SemanticSegmentor:
+# ViT embeddings (layer 0 for layer decay) and ViT blocks (layer i + 1); parameter names as in SegmentationModel:
 # net.encoder.* (Segmenter) or net.backbone.* (Mask2Former, ViT-Adapter: its own parts are not decayed, as EVA's).
 _EMBEDDING = re.compile(r"(^|\.)(encoder|backbone)\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
 _BLOCK = re.compile(r"(^|\.)(encoder|backbone)\.blocks\.(\d+)\.")

@@ -14,7 +14,7 @@ from .meta_arch.mask2former import Mask2Former, MergedTokenMask2Former
 from .meta_arch.segmenter import Segmenter
 from .meta_arch.segvit import SegViT
 from .meta_arch.setr import SETR
-from .meta_arch.semantic_segmentor import SemanticSegmentor
+from .meta_arch.segmentation_model import SegmentationModel
 from .registry import (
     BACKBONE_REGISTRY, META_ARCH_REGISTRY, PIXEL_DECODER_REGISTRY, SEM_SEG_HEAD_REGISTRY,
     TRANSFORMER_DECODER_REGISTRY,
@@ -23,12 +23,12 @@ from .registry import (
 __all__ = [
     "ALGMViT", "ViTAdapter", "apply_algm", "build_eva", "Mask2Former", "MergedTokenMask2Former", "LinearDecoder", "MaskTransformer", "Segmenter", "SEGMENTER_VARIANTS",
     "SETR", "SETRUpHead", "SETRMLAHead", "SegViT", "ATMHead",
-    "SemanticSegmentor", "algm_config_from_cfg", "build_segmenter_vit", "build_model", "BACKBONE_REGISTRY",
+    "SegmentationModel", "algm_config_from_cfg", "build_segmenter_vit", "build_model", "BACKBONE_REGISTRY",
     "META_ARCH_REGISTRY", "PIXEL_DECODER_REGISTRY", "SEM_SEG_HEAD_REGISTRY", "TRANSFORMER_DECODER_REGISTRY",
 ]
 
 
-def build_model(cfg) -> SemanticSegmentor:  # noqa: ANN001 - a CfgNode
+def build_model(cfg) -> SegmentationModel:  # noqa: ANN001 - a CfgNode
     """The model MODEL.* describes, on MODEL.DEVICE, in training mode (detectron2's ``build_model``)."""
-    model = SemanticSegmentor.from_config(cfg)
+    model = SegmentationModel.from_config(cfg)
     return model.to(torch.device(resolve_device(cfg.MODEL.DEVICE)))

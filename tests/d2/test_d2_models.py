@@ -161,7 +161,7 @@ def test_checkpoint_round_trip(tmp_path):
     restored = fresh()
     DetectionCheckpointer(restored).load(str(tmp_path / "checkpoint.pth"))
     same(restored)
-    # detectron2's model_final.pth into algm_d2's own SemanticSegmentor (its loader, strict keys), and algm_d2's
+    # detectron2's model_final.pth into algm_d2's own SegmentationModel (its loader, strict keys), and algm_d2's
     # model.pth ({"model": net.*}) back into detectron2's
     ours = algm_build_model(algm_segmenter_cfg())
     load_model_weights(ours, tmp_path / "model_final.pth")

@@ -74,7 +74,7 @@ def test_scheduler_scales_every_group_and_restores_its_state():
 
 
 class TinyViTNames(nn.Module):
-    """Parameters named like SemanticSegmentor's (net.encoder.*, net.decoder.*), two blocks."""
+    """Parameters named like SegmentationModel's (net.encoder.*, net.decoder.*), two blocks."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from algm_d2.checkpoint import build_from_variant
 from algm_d2.config import get_cfg
 from algm_d2.evaluation import SemSegEvaluator
 from algm_d2.merge import ALGMConfig
-from algm_d2.modeling import SemanticSegmentor
+from algm_d2.modeling import SegmentationModel
 from algm_d2.modeling.ops.attention_kernels import dynamic_length_attention
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def uint8_images(count: int, height: int, width: int):
                                                 ("slide", (64, 112), (70, 120))])
 @pytest.mark.parametrize("fused", [True, False])
 def test_predicted_labels_equal_the_argmax_of_the_probabilities(mode, size, output, fused):
-    model = SemanticSegmentor(net=segmenter(ALGM), pixel_mean=[120.0, 110.0, 100.0], pixel_std=[60.0, 60.0, 60.0],
+    model = SegmentationModel(net=segmenter(ALGM), pixel_mean=[120.0, 110.0, 100.0], pixel_std=[60.0, 60.0, 60.0],
                               test_mode=mode, crop_size=64, stride=48, fused_labels=fused).eval()
     inputs = [{"image": image} for image in uint8_images(2, *size)]
     if output is not None:

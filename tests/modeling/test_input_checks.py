@@ -15,7 +15,7 @@ from algm_d2.checkpoint import NORMALIZATION, build_from_variant
 from algm_d2.config import get_cfg
 from algm_d2.data import BadSampleError, build_test_loader, build_train_loader, register_custom_sem_seg
 from algm_d2.engine import evaluate
-from algm_d2.modeling import SemanticSegmentor
+from algm_d2.modeling import SegmentationModel
 from algm_d2.modeling.backbone.build import algm_config_from_cfg
 
 from ..data.test_data_helpers import demo_cfg, make_pairs, unique_name
@@ -36,8 +36,8 @@ class PixelClassifier(nn.Module):
         return self.conv(images)
 
 
-def segmentor() -> SemanticSegmentor:
-    return SemanticSegmentor(net=PixelClassifier(), pixel_mean=(120.0, 110.0, 100.0), pixel_std=(60.0, 60.0, 60.0))
+def segmentor() -> SegmentationModel:
+    return SegmentationModel(net=PixelClassifier(), pixel_mean=(120.0, 110.0, 100.0), pixel_std=(60.0, 60.0, 60.0))
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from algm_d2.checkpoint import (
 )
 from algm_d2.config import get_cfg
 from algm_d2.merge import ALGMConfig
-from algm_d2.modeling import SEGMENTER_VARIANTS, SemanticSegmentor, build_model, build_segmenter_vit
-from algm_d2.modeling.meta_arch.semantic_segmentor import sliding_window_anchors
+from algm_d2.modeling import SEGMENTER_VARIANTS, SegmentationModel, build_model, build_segmenter_vit
+from algm_d2.modeling.meta_arch.segmentation_model import sliding_window_anchors
 
 
 def variant(decoder: str = "mask_transformer", n_cls: int = 5) -> dict:
@@ -175,7 +175,7 @@ def tiny_cfg():
     return cfg
 
 
-def test_semantic_segmentor_trains_and_infers():
+def test_segmentation_model_trains_and_infers():
     cfg = tiny_cfg()
     model = build_model(cfg)
     batch = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
@@ -196,7 +196,7 @@ def test_sliding_window_matches_whole_image_when_one_crop_covers_it():
     torch.manual_seed(0)
     whole = build_model(cfg).eval()
     cfg.TEST.merge_from_list(["MODE", "slide", "CROP_SIZE", 64, "STRIDE", 32])
-    slide = SemanticSegmentor.from_config(cfg).eval()
+    slide = SegmentationModel.from_config(cfg).eval()
     slide.net.load_state_dict(whole.net.state_dict())
     image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(slide([{"image": image}])[0]["sem_seg"], whole([{"image": image}])[0]["sem_seg"])

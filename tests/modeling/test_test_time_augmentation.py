@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algm_d2.config import get_cfg
-from algm_d2.modeling import SemanticSegmentor
+from algm_d2.modeling import SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -36,7 +36,7 @@ class PixelScores(nn.Module):
 
 
 def segmentor(net, **kwargs):
-    return SemanticSegmentor(net=net, pixel_mean=MEAN, pixel_std=STD, **kwargs).eval()
+    return SegmentationModel(net=net, pixel_mean=MEAN, pixel_std=STD, **kwargs).eval()
 
 
 def normalized(image):

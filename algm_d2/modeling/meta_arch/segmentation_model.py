@@ -3,7 +3,7 @@
 ``model(batched_inputs)`` takes a list of dicts with ``"image"`` (uint8 ``[3, H, W]`` RGB), in training
 ``"sem_seg"`` (long ``[H, W]``, ignore 255), in inference ``"height"``/``"width"`` (the original size). Training
 returns ``{"loss_sem_seg": ...}`` (cross-entropy), or the net's own losses when it has ``losses(images, targets)``;
-inference returns ``[{"sem_seg": probabilities [K, height, width]}]``; :meth:`SemanticSegmentor.predict_labels`
+inference returns ``[{"sem_seg": probabilities [K, height, width]}]``; :meth:`SegmentationModel.predict_labels`
 (what the evaluation loop calls) returns ``[{"sem_seg_labels": long [height, width]}]``, their argmax, without the
 full-resolution probabilities where one view is enough (fused upsample + argmax). Test-time inference is whole-image
 or sliding-window (the release's), optionally multi-scale and flipped.
@@ -33,8 +33,10 @@ def sliding_window_anchors(size: int, window: int, stride: int) -> List[int]:
     return [a for a in range(0, size, stride) if a < size - window] + [size - window]
 
 
-class SemanticSegmentor(nn.Module):
-    """Wraps a network ``net(images [B,3,H,W]) -> logits [B,K,H,W]`` (Segmenter, ...) for training and evaluation.
+class SegmentationModel(nn.Module):
+    """The model :func:`~algm_d2.modeling.build_model` returns: the network ``MODEL.META_ARCHITECTURE`` names
+    (``net(images [B,3,H,W]) -> logits [B,K,H,W]``: Segmenter, ...) with what training and evaluation need around it
+    (normalization, the loss, whole / sliding-window / multi-scale inference).
 
     Args:
         net: the segmentation network (registered in META_ARCH_REGISTRY).
@@ -81,7 +83,7 @@ class SemanticSegmentor(nn.Module):
         self._forward_stats: List[MergeStats] = []
 
     @classmethod
-    def from_config(cls, cfg) -> "SemanticSegmentor":  # noqa: ANN001 - a CfgNode
+    def from_config(cls, cfg) -> "SegmentationModel":  # noqa: ANN001 - a CfgNode
         net = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).from_config(cfg)
         return cls(net=net, **cls.config_kwargs(cfg),
                    test_scales=cfg.TEST.SCALES, test_flip=cfg.TEST.FLIP, fused_labels=cfg.TEST.FUSED_LABELS)
