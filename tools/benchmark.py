@@ -148,12 +148,12 @@ def main(argv=None) -> None:  # noqa: ANN001
     if args.config_file:
         net, crop, normalization, config_global_layer = net_from_config(args.config_file, args.opts)
         size = args.image_size or crop
-        depth = net.encoder.depth
+        depth = net.backbone.depth
     elif args.checkpoint:
         net = load_model(args.checkpoint)
-        size = args.image_size or net.encoder.pretrain_grid[0] * net.patch_size
+        size = args.image_size or net.backbone.pretrain_grid[0] * net.patch_size
         normalization = net.normalization or NORMALIZATION["vit"]
-        depth = net.encoder.depth
+        depth = net.backbone.depth
     else:
         sizes = SEGMENTER_VARIANTS[args.variant]
         size = args.image_size or (640 if args.variant == "large" else 512)
@@ -187,7 +187,7 @@ def main(argv=None) -> None:  # noqa: ANN001
                            block_graphs=not args.no_block_graphs and device.type == "cuda",
                            graph_buckets=args.graph_buckets, mixed_images=mixed)
     if args.mfu:
-        report["encoder_utilisation"] = encoder_utilisation(net.encoder, images[:1].expand(args.batch_size, -1, -1, -1),
+        report["encoder_utilisation"] = encoder_utilisation(net.backbone, images[:1].expand(args.batch_size, -1, -1, -1),
                                                             precision=args.precision)
         logger.info("encoder utilisation: %s", report["encoder_utilisation"])
     model_name = args.config_file or args.checkpoint or f"segmenter_{args.variant} (random weights)"

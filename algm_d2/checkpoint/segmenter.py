@@ -18,7 +18,7 @@ from ..merge import OFF, ALGMConfig
 from ..modeling.backbone.algm_vit import ALGMViT
 from ..modeling.heads.segmenter_heads import LinearDecoder, MaskTransformer
 from ..modeling.backbone.build import build_segmenter_vit, check_vit_sizes
-from ..modeling.meta_arch.segmenter import Segmenter
+from ..modeling.meta_arch.segmenter import Segmenter, own_key, release_key
 from .released import convert_released
 from .safe_load import UnreadableCheckpointError, UnsafeCheckpointError, load_checked
 
@@ -92,6 +92,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     if dropped:
         logger.info("%s: dropping %d keys not used for segmentation: %s", source, len(dropped), ", ".join(dropped))
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(drop_prefixes)}
+    expected = model.state_dict()
+    if isinstance(getattr(model, "net", model), Segmenter) and any(own_key(k) != k for k in state_dict):
+        expected = {release_key(k): v for k, v in expected.items()}  # compared (and named) in the file's layout
+        raise_on_mismatch(expected, state_dict, f"{source} does not fit the model")
+        state_dict = {own_key(k): v for k, v in state_dict.items()}
     raise_on_mismatch(model.state_dict(), state_dict, f"{source} does not fit the model")
     model.load_state_dict(state_dict, strict=True)
 
@@ -145,7 +150,7 @@ def build_from_variant(variant: Mapping[str, Any], algm: ALGMConfig = OFF) -> Se
         raise ValueError(f"variant.yml: unknown net_kwargs.normalization {normalization_name!r} (expected one of "
                          f"{', '.join(NORMALIZATION)})")
     normalization = NORMALIZATION[normalization_name]
-    return Segmenter(encoder=encoder, decoder=decoder, num_classes=num_classes, normalization=normalization)
+    return Segmenter(backbone=encoder, decoder=decoder, num_classes=num_classes, normalization=normalization)
 
 
 def load_model(checkpoint_path: Union[str, Path], algm: Optional[ALGMConfig] = None, *,
@@ -187,7 +192,7 @@ def save_release_checkpoint(model: Segmenter, directory: Union[str, Path], varia
     """Write ``model`` in the release's layout (``checkpoint.pth`` + ``variant.yml``) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, directory / "checkpoint.pth")
+    torch.save({"model": {release_key(k): v for k, v in model.state_dict().items()}}, directory / "checkpoint.pth")
     with open(directory / "variant.yml", "w") as f:
         yaml.safe_dump(_plain(variant), f)
     return directory / "checkpoint.pth"

@@ -6,7 +6,7 @@ MODEL.META_ARCHITECTURE ``ALGMSegmenter``, ``ALGMMask2Former`` or ``ALGMMergedTo
 "MaskTransformer") inside :class:`~algm_d2.modeling.SegmentationModel`: detectron2's inputs (``"image"`` uint8 RGB,
 ``"sem_seg"`` in training, ``"height"``/``"width"``), the network's own losses, and whole-image or sliding-window
 inference (TEST.MODE, TEST.CROP_SIZE, TEST.STRIDE, TEST.BATCH_SIZE); detectron2's TEST.AUG runs through Mask2Former's
-test-time augmentation. Parameter names are those of algm_d2's SegmentationModel (``net.encoder.*``), so
+test-time augmentation. Parameter names are those of algm_d2's SegmentationModel (``net.backbone.*``), so
 detectron2's ``model_final.pth`` loads into algm_d2's ``train_net.py`` and algm_d2's ``model.pth`` into detectron2;
 state dicts in the network's own (released) layout under ``"model"`` (Segmenter's ``checkpoint.pth``:
 ``encoder.*`` / ``decoder.*``; EVA's ``backbone.*`` / ``decode_head.*`` re-saved from mmcv's ``"state_dict"``) load

@@ -20,18 +20,14 @@ from torch import nn
 from ..engine.optim import layer_decay_param_groups
 
 OPTIMIZERS = ("SGD", "ADAMW")
-# The encoder: Mask2Former's MaskFormer.backbone, the bridged segmentors' net.backbone / net.encoder.
-_BACKBONE = re.compile(r"^(net\.)?(backbone|encoder)\.")
+# The encoder: Mask2Former's MaskFormer.backbone, the bridged segmentors' net.backbone.
+_BACKBONE = re.compile(r"^(net\.)?backbone\.")
 
 
 def vit_depth(model: nn.Module) -> int:
-    """Number of ViT blocks of the model's encoder (``backbone`` or ``net.backbone`` / ``net.encoder``); 0 if none."""
-    net = getattr(model, "net", model)
-    for name in ("backbone", "encoder"):
-        blocks = getattr(getattr(net, name, None), "blocks", None)
-        if blocks is not None:
-            return len(blocks)
-    return 0
+    """Number of ViT blocks of the model's encoder (``backbone`` or ``net.backbone``); 0 if none."""
+    blocks = getattr(getattr(getattr(model, "net", model), "backbone", None), "blocks", None)
+    return len(blocks) if blocks is not None else 0
 
 
 def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:  # noqa: ANN001 - a CfgNode

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 # ViT embeddings (layer 0 for layer decay) and ViT blocks (layer i + 1); parameter names as in SegmentationModel:
-# net.encoder.* (Segmenter) or net.backbone.* (Mask2Former, ViT-Adapter: its own parts are not decayed, as EVA's).
-_EMBEDDING = re.compile(r"(^|\.)(encoder|backbone)\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
-_BLOCK = re.compile(r"(^|\.)(encoder|backbone)\.blocks\.(\d+)\.")
+# net.backbone.* (the ViT; a ViT-Adapter's own parts are not decayed, as EVA's).
+_EMBEDDING = re.compile(r"(^|\.)backbone\.(patch_embed|cls_token|dist_token|reg_token|pos_embed)(\.|$)")
+_BLOCK = re.compile(r"(^|\.)backbone\.blocks\.(\d+)\.")
 # Tokens and embeddings that are never decayed, whatever their shape.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "cls_emb")
 OPTIMIZERS = ("SGD", "AdamW")
@@ -23,7 +23,7 @@ def get_vit_layer_id(name: str, num_layers: int) -> int:
         return 0
     match = _BLOCK.search(name)
     if match:
-        return int(match.group(3)) + 1
+        return int(match.group(2)) + 1
     return num_layers + 1
 
 
@@ -58,10 +58,9 @@ def layer_decay_param_groups(model: nn.Module, *, base_lr: float, weight_decay: 
 
 
 def encoder_depth(model: nn.Module) -> int:
-    """Number of ViT blocks at ``model.net.backbone.blocks`` or ``model.net.encoder.blocks`` (0 if neither)."""
+    """Number of ViT blocks at ``model.net.backbone.blocks`` (0 if none)."""
     net = getattr(model, "net", None)
-    vit = getattr(net, "backbone", None) or getattr(net, "encoder", None)
-    blocks = getattr(vit, "blocks", None)
+    blocks = getattr(getattr(net, "backbone", None), "blocks", None)
     return len(blocks) if blocks is not None else 0
 
 

@@ -26,17 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class StandInSegmentor(nn.Module):
-    """A tiny conv net with the parameter layout the engine relies on (net.encoder.{patch_embed, pos_embed,
+    """A tiny conv net with the parameter layout the engine relies on (net.backbone.{patch_embed, pos_embed,
     blocks.<i>}, net.decoder) and dropout, so that resuming must restore the RNG to match. ``nan_at_call``: the
     training forward with that 1-based number returns a NaN loss."""
 
     def __init__(self, num_classes: int = 6, width: int = 8, depth: int = 2) -> None:
         super().__init__()
         self.net = nn.Module()
-        self.net.encoder = nn.Module()
-        self.net.encoder.patch_embed = nn.Conv2d(3, width, 8, stride=8)
-        self.net.encoder.pos_embed = nn.Parameter(torch.zeros(1, width, 1, 1))
-        self.net.encoder.blocks = nn.ModuleList(
+        self.net.backbone = nn.Module()
+        self.net.backbone.patch_embed = nn.Conv2d(3, width, 8, stride=8)
+        self.net.backbone.pos_embed = nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.net.backbone.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(1, width), nn.GELU(), nn.Dropout(0.2))
             for _ in range(depth))
         self.net.decoder = nn.Conv2d(width, num_classes, 1)
@@ -45,8 +45,8 @@ class StandInSegmentor(nn.Module):
         self._tokens = (0, 0)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.net.encoder.patch_embed(images) + self.net.encoder.pos_embed
-        for block in self.net.encoder.blocks:
+        x = self.net.backbone.patch_embed(images) + self.net.backbone.pos_embed
+        for block in self.net.backbone.blocks:
             x = x + block(x)
         self._tokens = (x.shape[-2] * x.shape[-1], images.shape[0])
         return F.interpolate(self.net.decoder(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -69,7 +69,7 @@ class StandInSegmentor(nn.Module):
     @property
     def merge_stats(self):
         tokens, images = self._tokens
-        return {"tokens_per_layer": [[tokens] * images for _ in self.net.encoder.blocks], "initial_tokens": tokens,
+        return {"tokens_per_layer": [[tokens] * images for _ in self.net.backbone.blocks], "initial_tokens": tokens,
                 "num_prefix": 0}
 
 

@@ -74,12 +74,12 @@ def test_scheduler_scales_every_group_and_restores_its_state():
 
 
 class TinyViTNames(nn.Module):
-    """Parameters named like SegmentationModel's (net.encoder.*, net.decoder.*), two blocks."""
+    """Parameters named like SegmentationModel's (net.backbone.*, net.decoder.*), two blocks."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Module()
-        encoder = self.net.encoder = nn.Module()
+        encoder = self.net.backbone = nn.Module()
         encoder.patch_embed = nn.Conv2d(3, 4, 2)
         encoder.pos_embed = nn.Parameter(torch.zeros(1, 4, 4))
         encoder.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
@@ -92,25 +92,25 @@ class TinyViTNames(nn.Module):
 
 
 def test_layer_ids_follow_vitdet():
-    assert get_vit_layer_id("net.encoder.pos_embed", 12) == 0
-    assert get_vit_layer_id("net.encoder.cls_token", 12) == 0
-    assert get_vit_layer_id("net.encoder.patch_embed.proj.weight", 12) == 0
-    assert get_vit_layer_id("net.encoder.blocks.0.attn.qkv.weight", 12) == 1
-    assert get_vit_layer_id("net.encoder.blocks.11.mlp.fc2.bias", 12) == 12
-    assert get_vit_layer_id("net.encoder.norm.weight", 12) == 13
+    assert get_vit_layer_id("net.backbone.pos_embed", 12) == 0
+    assert get_vit_layer_id("net.backbone.cls_token", 12) == 0
+    assert get_vit_layer_id("net.backbone.patch_embed.proj.weight", 12) == 0
+    assert get_vit_layer_id("net.backbone.blocks.0.attn.qkv.weight", 12) == 1
+    assert get_vit_layer_id("net.backbone.blocks.11.mlp.fc2.bias", 12) == 12
+    assert get_vit_layer_id("net.backbone.norm.weight", 12) == 13
     assert get_vit_layer_id("net.decoder.blocks.0.attn.qkv.weight", 12) == 13  # decoder blocks are not the ViT's
-    assert get_vit_layer_id("net.encoder.pos_embed_extra", 12) == 13  # whole names only
+    assert get_vit_layer_id("net.backbone.pos_embed_extra", 12) == 13  # whole names only
 
 
 def test_layer_decay_groups_against_hand_computed_lrs_and_decay():
     groups = layer_decay_param_groups(TinyViTNames(), base_lr=1.0, weight_decay=0.05, layer_decay=0.5, num_layers=2)
     by_name = {name: group for group in groups for name in group["names"]}
     expected = {  # name: (lr = 0.5^(3 - layer), weight decay)
-        "net.encoder.patch_embed.weight": (0.125, 0.05), "net.encoder.patch_embed.bias": (0.125, 0.0),
-        "net.encoder.pos_embed": (0.125, 0.0), "net.encoder.cls_token": (0.125, 0.0),
-        "net.encoder.blocks.0.fc.weight": (0.25, 0.05), "net.encoder.blocks.0.norm.weight": (0.25, 0.0),
-        "net.encoder.blocks.1.fc.weight": (0.5, 0.05), "net.encoder.blocks.1.fc.bias": (0.5, 0.0),
-        "net.encoder.norm.weight": (1.0, 0.0), "net.decoder.cls_emb": (1.0, 0.0),
+        "net.backbone.patch_embed.weight": (0.125, 0.05), "net.backbone.patch_embed.bias": (0.125, 0.0),
+        "net.backbone.pos_embed": (0.125, 0.0), "net.backbone.cls_token": (0.125, 0.0),
+        "net.backbone.blocks.0.fc.weight": (0.25, 0.05), "net.backbone.blocks.0.norm.weight": (0.25, 0.0),
+        "net.backbone.blocks.1.fc.weight": (0.5, 0.05), "net.backbone.blocks.1.fc.bias": (0.5, 0.0),
+        "net.backbone.norm.weight": (1.0, 0.0), "net.decoder.cls_emb": (1.0, 0.0),
         "net.decoder.proj.weight": (1.0, 0.05),
     }
     for name, (lr, decay) in expected.items():
@@ -144,8 +144,8 @@ def test_layer_ids_on_the_segmenter_model():
 
     model = build_model(tiny_cfg())  # 4 blocks
     ids = {name: get_vit_layer_id(name, 4) for name, _ in model.named_parameters()}
-    assert ids["net.encoder.pos_embed"] == 0 and ids["net.encoder.patch_embed.proj.weight"] == 0
-    assert {ids[n] for n in ids if n.startswith("net.encoder.blocks.")} == {1, 2, 3, 4}
+    assert ids["net.backbone.pos_embed"] == 0 and ids["net.backbone.patch_embed.proj.weight"] == 0
+    assert {ids[n] for n in ids if n.startswith("net.backbone.blocks.")} == {1, 2, 3, 4}
     assert all(ids[n] == 5 for n in ids if n.startswith("net.decoder."))
 
 

@@ -79,11 +79,11 @@ def test_the_configs_default_to_fused_labels_and_block_graphs():
     cfg = get_cfg()
     assert cfg.TEST.FUSED_LABELS and cfg.MODEL.BACKBONE.CUDA_GRAPHS
     net = segmenter(ALGM)
-    assert net.encoder.block_graphs is not None  # load_model / build_from_variant: on by default
+    assert net.backbone.block_graphs is not None  # load_model / build_from_variant: on by default
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         net(x)
-    assert len(net.encoder.block_graphs) == 0 and net.encoder.block_graphs.captures == 0  # never on the CPU
+    assert len(net.backbone.block_graphs) == 0 and net.backbone.block_graphs.captures == 0  # never on the CPU
 
 
 def test_merged_sequences_avoid_plan_building_attention_kernels():
@@ -95,7 +95,7 @@ def test_merged_sequences_avoid_plan_building_attention_kernels():
     observer = lambda layer, x, state: seen.append(  # noqa: E731 - a probe
         (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
     with torch.no_grad():
-        net.encoder(torch.randn(2, 3, 64, 64), observer=observer)
+        net.backbone(torch.randn(2, 3, 64, 64), observer=observer)
     assert seen and all(flags == (False, True) for flags in seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     with dynamic_length_attention(False):

@@ -161,7 +161,7 @@ def algm_segmenter():
     (torch.zeros(1, 1, 32, 32), r"got shape \(1, 1, 32, 32\)"),
 ])
 def test_the_inference_api_names_the_expected_shape(algm_segmenter, images, message):
-    for call in (algm_segmenter, algm_segmenter.predict_labels, algm_segmenter.encoder):
+    for call in (algm_segmenter, algm_segmenter.predict_labels, algm_segmenter.backbone):
         with pytest.raises(ValueError, match=r"images must be a float tensor \[B, 3, H, W\] with B, H, W >= 1, "
                                              + message):
             call(images)

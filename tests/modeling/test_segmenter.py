@@ -27,9 +27,11 @@ def variant(decoder: str = "mask_transformer", n_cls: int = 5) -> dict:
 
 
 def release_state_dict(model) -> dict:
-    """What a release checkpoint holds: our keys plus the encoder's ImageNet head."""
-    state = dict(model.state_dict())
-    dim = model.encoder.embed_dim
+    """What a release checkpoint holds: our keys under the release's names (our ``backbone`` is its ``encoder``) plus
+    the encoder's ImageNet head."""
+    state = {("encoder." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+             for k, v in model.state_dict().items()}
+    dim = model.backbone.embed_dim
     state["encoder.head.weight"] = torch.randn(1000, dim)
     state["encoder.head.bias"] = torch.randn(1000)
     return state
@@ -56,12 +58,29 @@ def test_release_format_round_trip(tmp_path, decoder):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_the_release_names_the_backbone_encoder_in_files_and_both_layouts_load(tmp_path):
+    """save_release_checkpoint writes the release's key names (``encoder.*``); files in the release's layout or in
+    ours (``backbone.*``) load through load_model and through the network's own load_state_dict."""
+    torch.manual_seed(0)
+    model = build_from_variant(variant()).eval()
+    save_release_checkpoint(model, tmp_path, variant())
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    assert any(k.startswith("encoder.blocks.") for k in saved) and not any(k.startswith("backbone.") for k in saved)
+    assert set(saved) == {"encoder." + k[len("backbone."):] if k.startswith("backbone.") else k
+                          for k in model.state_dict()}
+    fresh = build_from_variant(variant())
+    fresh.load_state_dict(saved)  # the release's names, straight into the network
+    assert torch.equal(fresh.backbone.pos_embed, model.backbone.pos_embed)
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pth")  # our names
+    assert torch.equal(load_model(tmp_path / "checkpoint.pth").backbone.pos_embed, model.backbone.pos_embed)
+
+
 def test_imagenet_head_is_dropped_knowingly(release_dir, caplog):
     directory, model = release_dir
     with caplog.at_level("INFO"):
         loaded = load_model(directory / "checkpoint.pth")
     assert "encoder.head.weight" in caplog.text
-    torch.testing.assert_close(loaded.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(loaded.backbone.blocks[0].attn.qkv.weight, model.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_mismatched_checkpoints_list_every_key(tmp_path, release_dir):
@@ -115,7 +134,7 @@ def test_images_not_multiple_of_the_patch_are_padded_like_the_release(release_di
     with torch.no_grad():
         logits = model(x)
         padded = F.pad(x, (0, 10, 0, 14))
-        masks = model.decoder(*_split(model.encoder(padded)))
+        masks = model.decoder(*_split(model.backbone(padded)))
         expected = F.interpolate(masks, size=(64, 80), mode="bilinear", align_corners=False)[..., :50, :70]
     assert logits.shape == (1, 5, 50, 70)
     torch.testing.assert_close(logits, expected)
@@ -134,7 +153,7 @@ def test_per_image_batch_equals_one_image_per_forward(release_dir, packed, monke
     algm = ALGMConfig(local_layer=1, global_layer=3, local_threshold=0.3, global_threshold="batch_stats",
                       batch_policy="per_image")
     model = load_model(directory / "checkpoint.pth", algm=algm)
-    model.encoder.packed_attention = model.decoder.packed_attention = packed
+    model.backbone.packed_attention = model.decoder.packed_attention = packed
     layouts = []
     find_layout = type(model.decoder)._packed_layout
     monkeypatch.setattr(type(model.decoder), "_packed_layout",
@@ -183,7 +202,7 @@ def test_segmentation_model_trains_and_infers():
     batch[0]["sem_seg"][:10] = 255
     losses = model(batch)
     losses["loss_sem_seg"].backward()
-    assert model.net.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert model.net.backbone.blocks[0].attn.qkv.weight.grad is not None
     model.eval()
     out = model([{"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8), "height": 80, "width": 120}])
     probs = out[0]["sem_seg"]

@@ -2,7 +2,8 @@
 
 ``forward(images)`` takes normalized images ``[B, 3, H, W]`` and returns class logits ``[B, K, H, W]`` exactly like
 the release's forward: pad bottom/right to a multiple of the patch size, encode, decode, bilinear upsample to the
-padded size, crop the padding. Module names (``encoder.*``, ``decoder.*``) are the release's.
+padded size, crop the padding. Module names are the release's (``decoder.*``; its ``encoder.*`` is our ``backbone.*``:
+the release's state dicts load as they are).
 """
 from __future__ import annotations
 
@@ -27,44 +28,68 @@ def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor
     return images
 
 
+# the release's name of Segmenter's ViT in state dicts (``encoder.*``; ours: ``backbone.*``), at the top level or
+# under SegmentationModel's ``net.``
+_OWN, _RELEASE = "backbone.", "encoder."
+
+
+def release_key(key: str, prefix: str = "") -> str:
+    """Our key ``prefix + backbone.…`` (or ``prefix + net.backbone.…``) under the release's name; others as they are."""
+    for outer in (prefix, prefix + "net."):
+        if key.startswith(outer + _OWN):
+            return outer + _RELEASE + key[len(outer + _OWN):]
+    return key
+
+
+def own_key(key: str, prefix: str = "") -> str:
+    """The inverse of :func:`release_key`."""
+    for outer in (prefix, prefix + "net."):
+        if key.startswith(outer + _RELEASE):
+            return outer + _OWN + key[len(outer + _RELEASE):]
+    return key
+
+
+def _release_key_names(module: nn.Module, state_dict: Dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Keys in the release's layout (``encoder.*``) name the backbone (``backbone.*``)."""
+    for key in [k for k in state_dict if k.startswith(prefix + _RELEASE)]:
+        state_dict[own_key(key, prefix)] = state_dict.pop(key)
+
+
 @META_ARCH_REGISTRY.register()
 class Segmenter(MergingNetwork, nn.Module):
     """ViT encoder with ALGM + Segmenter decoder. After a forward, :attr:`merge_stats` describes the merges.
 
     Args:
-        encoder: the ALGM backbone (its ``algm`` config decides the merging).
+        backbone: the ALGM ViT (its ``algm`` config decides the merging); the release calls it ``encoder``, and
+            state dicts in the release's layout (``encoder.*``) load as they are.
         decoder: ``MaskTransformer`` or ``LinearDecoder`` (runs on merged tokens and unmerges its outputs).
         num_classes: number of classes K.
         normalization: the pixel normalization the weights expect, {"mean": (...), "std": (...)} on [0, 1] RGB
             images; informational (callers normalize, as with the release).
     """
 
-    def __init__(self, *, encoder: ALGMViT, decoder: nn.Module, num_classes: int,
+    def __init__(self, *, backbone: ALGMViT, decoder: nn.Module, num_classes: int,
                  normalization: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.backbone = backbone
         self.decoder = decoder
         self.num_classes = num_classes
-        self.patch_size = encoder.patch_size[0]
+        self.patch_size = backbone.patch_size[0]
         self.normalization = normalization
         self._last_state: Optional[MergeState] = None
+        self.register_load_state_dict_pre_hook(_release_key_names)
 
     @classmethod
     def from_config(cls, cfg) -> "Segmenter":  # noqa: ANN001 - a CfgNode
-        encoder = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).from_config(cfg)
-        if not isinstance(encoder, ALGMViT):
+        backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).from_config(cfg)
+        if not isinstance(backbone, ALGMViT):
             raise ValueError(f"MODEL.BACKBONE.NAME: Segmenter decodes the tokens of ALGMViT, got "
                              f"{cfg.MODEL.BACKBONE.NAME!r}")
-        decoder = SEM_SEG_HEAD_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME).from_config(cfg, encoder_dim=encoder.embed_dim)
-        return cls(encoder=encoder, decoder=decoder, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
-
-    @property
-    def backbone(self) -> ALGMViT:
-        """The encoder under detectron2's name (the release calls it ``encoder``)."""
-        return self.encoder
+        decoder = SEM_SEG_HEAD_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME).from_config(cfg, encoder_dim=backbone.embed_dim)
+        return cls(backbone=backbone, decoder=decoder, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     def _patch_logits(self, padded: Tensor) -> Tensor:
-        tokens, state = self.encoder(padded)
+        tokens, state = self.backbone(padded)
         self._last_state = state
         with dynamic_length_attention(state.merged and self.algm.data_dependent):
             return self.decoder(tokens[:, state.num_prefix:], state, prop_attn=self.algm.prop_attn)

@@ -32,11 +32,6 @@ class TappedViTNet(MergingNetwork, nn.Module):
         self.patch_size = backbone.patch_size[0]
         self._last_state: Optional[MergeState] = None
 
-    @property
-    def encoder(self) -> ALGMViT:
-        """The backbone under Segmenter's name (the benchmark tools drive ``net.encoder``)."""
-        return self.backbone
-
     def resolve_taps(self, layers: Sequence[int], key: str) -> Tuple[int, ...]:
         """0-based (negative: from the end) block indices of config ``key`` → in-range indices, in the given order."""
         return tuple(check_taps([layer], self.backbone.depth, key)[0] for layer in layers)
