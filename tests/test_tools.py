@@ -76,7 +76,8 @@ def test_benchmark_tools_offer_the_librarys_choices():
     """The tools name their choices without importing torch (for --help); they are the library's."""
     import torch
 
-    from algm_d2.evaluation.benchmark import OUTPUTS, PRECISIONS, PROTOCOLS
+    from algm_d2.config import PRECISIONS, precision_dtype
+    from algm_d2.evaluation.benchmark import OUTPUTS, PROTOCOLS
     from algm_d2.modeling import SEGMENTER_VARIANTS
 
     benchmark, eva, tail = load_tool("benchmark"), load_tool("benchmark_eva"), load_tool("benchmark_decode_tail")
@@ -84,4 +85,4 @@ def test_benchmark_tools_offer_the_librarys_choices():
     assert set(benchmark.PRECISION_NAMES) == set(eva.PRECISION_NAMES) == set(tail.DTYPES) == set(PRECISIONS)
     assert benchmark.PROTOCOLS == PROTOCOLS and benchmark.OUTPUTS == OUTPUTS
     assert {name: getattr(torch, dtype) for name, dtype in tail.DTYPES.items()} == {
-        name: dtype or torch.float32 for name, dtype in PRECISIONS.items()}
+        name: precision_dtype(name) or torch.float32 for name in PRECISIONS}

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # torch and the model load in main, after the arguments, so t
 logger = logging.getLogger("benchmark")
 # the library's names (algm_d2.evaluation.benchmark, algm_d2.modeling), written here so that --help needs no torch
 VARIANTS = ("base", "large", "small", "tiny")  # SEGMENTER_VARIANTS
-PRECISION_NAMES = ("bf16", "fp16", "fp32")  # PRECISIONS
+PRECISION_NAMES = ("bf16", "fp16", "fp32")  # algm_d2.config.PRECISIONS
 PROTOCOLS = ("repeat", "mixed")
 OUTPUTS = ("logits", "labels")
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch and the model load in main, after the arguments, so t
     from algm_d2.merge import ALGMConfig
 
 logger = logging.getLogger("benchmark_eva")
-PRECISION_NAMES = ("bf16", "fp16", "fp32")  # the keys of algm_d2.evaluation.benchmark.PRECISIONS
+PRECISION_NAMES = ("bf16", "fp16", "fp32")  # algm_d2.config.PRECISIONS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
@@ -227,8 +227,8 @@ def main(argv: List[str] = None) -> None:
     import numpy as np
     import torch
 
-    from algm_d2.config import get_cfg
-    from algm_d2.evaluation.benchmark import PRECISIONS, random_crops
+    from algm_d2.config import get_cfg, precision_dtype
+    from algm_d2.evaluation.benchmark import random_crops
     from algm_d2.modeling import build_model
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +247,7 @@ def main(argv: List[str] = None) -> None:
     with torch.device(device):  # initialise the 1.3 B parameters where they live
         model = build_model(cfg).eval()
     net = model.net
-    dtype = PRECISIONS[args.precision]
+    dtype = precision_dtype(args.precision, "--precision")
 
     def autocast():  # noqa: ANN202
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

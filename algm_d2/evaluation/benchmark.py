@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import precision_dtype
 from ..merge import OFF, ALGMConfig, FixedLevel
 from .flop_count import count_gflops
 from .throughput import CallTimes, TimedCall, images_per_second, measure_throughput, time_interleaved
@@ -24,7 +25,6 @@ from .throughput import CallTimes, TimedCall, images_per_second, measure_through
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("repeat", "mixed")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUTS = ("logits", "labels")
 # The paper's Seg-S token counts at 512² (1025 → 833 after CLAP → 708 after GBM) as fractions of the candidates:
 # 64 of 256 windows, 125 of 416 A-side tokens. The same fractions give the paper's level for other sizes.
@@ -136,8 +136,7 @@ def _check_arguments(*, precision: str, protocols: Sequence[str], output: str, i
                      cuda_graphs: bool, device: torch.device) -> None:
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    precision_dtype(precision)  # names the choices if it is none of them
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
@@ -256,7 +255,7 @@ def benchmark_net(net: nn.Module, images: Tensor, *, settings: Mapping[str, ALGM
     _check_arguments(precision=precision, protocols=protocols, output=output, iters=iters, rounds=rounds,
                      cuda_graphs=cuda_graphs, device=device)
     rounds = min(rounds, iters)
-    dtype = PRECISIONS[precision]
+    dtype = precision_dtype(precision)
     net.eval()
     batches = {protocol: _batches(images, batch_size, protocol, mixed_images) for protocol in protocols}
     fresh = mixed_images is not None and "mixed" in protocols
@@ -356,7 +355,7 @@ def encoder_utilisation(encoder: nn.Module, images: Tensor, *, precision: str = 
     the measured matmul ceiling in the same dtype."""
     from .flop_count import vit_encoder_macs  # noqa: PLC0415 - only here
 
-    dtype = PRECISIONS[precision] or torch.float32
+    dtype = precision_dtype(precision) or torch.float32
     device = images.device
     patch = encoder.patch_size[0]
     macs = vit_encoder_macs(num_patches=(images.shape[-2] // patch) * (images.shape[-1] // patch),

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ...merge import OFF, ALGMConfig, MergeState
 from ...merge.state import row_sums
+from ..merged_tokens import patches_to_grid
 from ..ops.msda import MSDeformAttn, SpatialShapes
 from ..registry import BACKBONE_REGISTRY
 from .algm_vit import ALGMViT, TokenStream
@@ -386,10 +387,7 @@ class ViTAdapter(nn.Module):
     @staticmethod
     def _patch_map(stream: TokenStream) -> Tensor:
         """The current patch tokens on the grid ``[B, C, h, w]`` (gathered from merged slots)."""
-        state = stream.state
-        patches = state.unmerge_patches(stream.x[:, 1:]) if state.merged else stream.x[:, 1:]
-        h, w = state.grid_size
-        return patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
+        return patches_to_grid(stream.x[:, 1:], stream.state)
 
     def _pyramid(self, c1: Tensor, c: Tensor, outs: List[Tensor], level_shapes: SpatialShapes) -> List[Tensor]:
         b, _, dim = c.shape
