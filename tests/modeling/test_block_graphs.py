@@ -288,3 +288,48 @@ def test_a_graphed_forward_syncs_once_per_thresholded_stage(monkeypatch, name, s
             reads.clear()
             model(images)
             assert len(reads) == syncs
+
+
+@pytest.mark.parametrize("name", ["per_image", "batch_min", "fixed", "eva02"])
+def test_segments_run_no_op_that_syncs_with_the_host(monkeypatch, name):
+    """What a segment runs must be capturable as a CUDA graph: no op that reads a value back to the host (``.item()``,
+    ``.tolist()``, ``nonzero``, boolean masking ...). Checked on the CPU at the dispatcher, where these ops show up
+    whatever the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from algm_d2.modeling.backbone.block_graphs import BlockGraphs
+
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave",
+               "is_nonzero", "equal"}
+    seen = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in syncing:
+                seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    segment = BlockGraphs.segment
+
+    def checked(self, key, run, inputs):
+        def watched(*args):
+            with HostReads():
+                return run(*args)
+        return segment(self, key, watched, inputs)
+
+    monkeypatch.setattr(BlockGraphs, "segment", checked)
+    if name == "eva02":  # padded segments with the key mask and RoPE at merged positions
+        from algm_d2.modeling.backbone.algm_vit import ALGMViT
+        from algm_d2.modeling.backbone.build import build_eva
+
+        torch.manual_seed(0)
+        model = ALGMViT(vit=build_eva(img_size=64, patch_size=16, embed_dim=48, depth=6, num_heads=3,
+                                      mlp_ratio=4 * 2 / 3, eva02=True, rope_pretrain_grid=4), algm=PER_IMAGE).eval()
+    else:
+        model = tiny_model(SETTINGS[name])
+    model.use_cuda_graphs(True, capture=False)
+    with torch.no_grad():
+        for images in image_batches(2):
+            model(images)
+    assert len(model.block_graphs) > 0 or model.block_graphs.eager_runs > 0
+    assert not seen, f"ops that read values back to the host inside a segment: {sorted(set(seen))}"
