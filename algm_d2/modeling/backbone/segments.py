@@ -155,11 +155,16 @@ class SegmentRunner:
         head = pending.op if pending is not None else None
         head_sizes = pending.sizes if pending is not None else None
         meta: dict = {}
+        # a merged state's tensors (MergeState's field order); an unmerged one is the initial layout
+        state_inputs = (state.index_map, state.sizes, state.positions, state.num_tokens) if in_merged else ()
 
-        def run(x: Tensor, sizes_t: Tensor, positions: Tensor, index_map: Tensor, num_tokens: Tensor,
-                *extra: Tensor) -> Tuple[object, ...]:
+        def run(x: Tensor, *extra: Tensor) -> Tuple[object, ...]:
+            state_t, extra = extra[:len(state_inputs)], extra[len(state_inputs):]
             rope_in, plan_t = extra[:len(rope_inputs)], extra[len(rope_inputs):]
-            st = MergeState(grid, p, index_map, sizes_t, positions, num_tokens, padded=in_padded, merged=in_merged)
+            if in_merged:
+                st = MergeState(grid, p, *state_t, padded=in_padded, merged=True)
+            else:  # the unmerged layout is built in the graph: nothing to copy in
+                st = MergeState.initial(x.shape[0], grid, p, x.device)
             if head is not None:
                 x, st = apply_stage(algm, head.stage, x, st, plan_type(*plan_t), head_sizes, seq_len=length)
             h, offsets, bias, rope = x, None, None, None
@@ -188,7 +193,7 @@ class SegmentRunner:
 
         key = ("segment", algm, tuple(body), tail, head, length, rows, packs, in_padded, in_merged, out_padded,
                head_sizes.padded if head_sizes is not None else None, len(rope_inputs))
-        inputs = (x, state.sizes, state.positions, state.index_map, state.num_tokens) + rope_inputs + plan_in
+        inputs = (x,) + state_inputs + rope_inputs + plan_in
         out = self.graphs.segment(key, run, inputs)
         x_out, sizes_t, positions, index_map, num_tokens, info = out[:6]
         plan = None
