@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 from torch import Tensor
 
 from .clap import LocalPlan, apply_local_merge, local_merge, plan_local_merge
-from .config import ALGMConfig
+from .config import ALGMConfig, Rule
 from .gbm import GlobalPlan, apply_global_merge, global_merge, plan_global_merge
 from .rules import SequenceSizes
 from .state import MergeState
@@ -15,15 +15,18 @@ from .tome import tome_merge
 from .variants import Stage, pick_random_members, without_reduction
 
 
+def stage_rule(config: ALGMConfig, name: str) -> Rule:
+    """The threshold rule of stage ``name``: the global one for GBM, the local one for CLAP and a local GBM."""
+    return config.global_threshold if name == "gbm" else config.local_threshold
+
+
 def stage_function(config: ALGMConfig, name: str, layer: int) -> Stage:
     """The merge ``name`` (one of :meth:`ALGMConfig.stages_at`) as ``(x, state) -> (x, state)``."""
     policy = config.batch_policy
     if name == "clap":
-        merge = partial(local_merge, window=config.window, rule=config.local_threshold, policy=policy, layer=layer)
-    elif name == "local_gbm":
-        merge = partial(global_merge, rule=config.local_threshold, policy=policy, layer=layer)
-    elif name == "gbm":
-        merge = partial(global_merge, rule=config.global_threshold, policy=policy, layer=layer)
+        merge = partial(local_merge, window=config.window, rule=stage_rule(config, name), policy=policy, layer=layer)
+    elif name in ("local_gbm", "gbm"):
+        merge = partial(global_merge, rule=stage_rule(config, name), policy=policy, layer=layer)
     elif name == "tome":
         merge = partial(tome_merge, r=config.tome_r, policy=policy, layer=layer)
     else:
@@ -64,10 +67,9 @@ def plan_stage(config: ALGMConfig, name: str, layer: int, x: Tensor, state: Merg
     """The first half of stage ``name`` at 1-based ``layer`` (no host sync); None if it can merge nothing."""
     policy = config.batch_policy
     if name == "clap":
-        return plan_local_merge(x, state, config.window, config.local_threshold, policy, layer)
+        return plan_local_merge(x, state, config.window, stage_rule(config, name), policy, layer)
     if name in ("local_gbm", "gbm"):
-        rule = config.local_threshold if name == "local_gbm" else config.global_threshold
-        return plan_global_merge(x, state, rule, policy, layer)
+        return plan_global_merge(x, state, stage_rule(config, name), policy, layer)
     raise ValueError(f"stage {name!r} does not split into a plan and its application")
 
 
